@@ -31,12 +31,15 @@ apt_install g++ ninja-build libgtest-dev nlohmann-json3-dev clang-14 libclang-rt
 vendor
 
 # A Python venv holds a current cmake (Debian's 3.25 predates CUDA 13), the CUDA 13.0 toolkit
-# wheels (nvcc, runtime, cccl headers, cuBLAS, NCCL) and numpy for the reference script.
-if [ ! -x .venv/bin/cmake ] || [ ! -f .venv/.cuda-13.0 ]; then
+# wheels (nvcc, runtime, cccl headers, cuBLAS, NCCL) and numpy for the reference script. nvvm and crt
+# are pinned to nvcc's release: a newer nvvm emits PTX that nvcc 13.0's ptxas rejects.
+if [ ! -x .venv/bin/cmake ] || [ ! -f .venv/.cuda-13.0.88 ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q "cmake>=3.28,<5" numpy \
-    "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" \
+    "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" \
     "nvidia-cublas==13.0.2.14" "nvidia-nccl-cu13==2.28.9"
-  touch .venv/.cuda-13.0
+  touch .venv/.cuda-13.0.88
 fi
+# Unversioned library links for the linker and CMake (see ci/cuda-env.sh).
+. ci/cuda-env.sh
