@@ -43,6 +43,9 @@ bool is_valid_utf8(std::string_view text) {
 
 nlohmann::json parse_strict_json(std::string_view text, const std::string &where) {
     if (!is_valid_utf8(text)) bad_checkpoint(where + ": not valid UTF-8");
+    // A raw NUL is never valid JSON, but nlohmann's lexer takes it as the end of input and
+    // would silently ignore whatever follows it.
+    if (text.find('\0') != std::string_view::npos) bad_checkpoint(where + ": not valid JSON (raw NUL byte)");
 
     // One set of seen keys per open object; the parser reports keys in document order.
     std::vector<std::set<std::string>> open_objects;
