@@ -1,0 +1,166 @@
+// Causal paged attention for prefill and decode (GQA). One thread block per (token, KV head,
+// split): it walks the split's keys once through the block table and scores every query head of
+// the group against each key, keeping an online softmax per head. Splits of long contexts are
+// merged afterwards from their (max, sum, unnormalised output) states (flash-decoding).
+#include "backend/cuda/cuda_util.h"
+#include "backend/cuda/device_math.cuh"
+#include "backend/cuda/kernels.h"
+
+namespace dbrx::cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kMaxGroup = 8;    // query heads per KV head
+constexpr int kMaxPerLane = 8;  // head_dim <= 256
+
+// Partial state of one (token, head, split): m, l, then head_dim accumulators.
+__device__ __forceinline__ float *partial(float *scratch, int64_t index, int32_t hd) {
+    return scratch + index * (hd + 2);
+}
+
+template <int kPerLane>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float scale,
+                     float *scratch) {
+    const int32_t t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+    const int32_t hd = kv.head_dim, G = n_heads / kv.n_kv_heads, bs = kv.block_size;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int32_t ctx = meta.pos[t] + 1;
+    const int32_t chunk = (ctx + splits - 1) / splits;
+    const int32_t begin = split * chunk, end = min(ctx, begin + chunk);
+    const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
+
+    float qr[kMaxGroup][kPerLane], acc[kMaxGroup][kPerLane], m[kMaxGroup], l[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int dim = lane + 32 * i;
+            acc[g][i] = 0.f;
+            qr[g][i] = (g < G && dim < hd) ? q[(static_cast<int64_t>(t) * n_heads + kvh * G + g) * hd + dim] * scale : 0.f;
+        }
+    }
+    for (int32_t j = begin + warp; j < end; j += kWarps) {
+        const int64_t off = table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd;
+        const uint16_t *kp = kv.base + off, *vp = kv.base + off + kv.v_offset;
+        float kr[kPerLane], vr[kPerLane];
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) {
+            const int dim = lane + 32 * i;
+            kr[i] = dim < hd ? bf16f(kp[dim]) : 0.f;
+            vr[i] = dim < hd ? bf16f(vp[dim]) : 0.f;
+        }
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+            if (g >= G) break;
+            float s = 0.f;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) s += qr[g][i] * kr[i];
+            s = warp_sum(s);
+            const float m_new = fmaxf(m[g], s);
+            const float corr = expf(m[g] - m_new), p = expf(s - m_new);
+            l[g] = l[g] * corr + p;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) acc[g][i] = acc[g][i] * corr + p * vr[i];
+            m[g] = m_new;
+        }
+    }
+    // Merge the warps' states through shared memory, then write this split's partial state.
+    __shared__ float sm[kWarps][kMaxGroup][2];
+    __shared__ float sacc[kWarps][kMaxGroup][kPerLane * 32];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+        if (g >= G) break;
+        if (lane == 0) {
+            sm[warp][g][0] = m[g];
+            sm[warp][g][1] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i)
+            if (lane + 32 * i < hd) sacc[warp][g][lane + 32 * i] = acc[g][i];
+    }
+    __syncthreads();
+    for (int32_t idx = threadIdx.x; idx < G * hd; idx += blockDim.x) {
+        const int g = idx / hd, dim = idx % hd;
+        float M = -INFINITY;
+        for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sm[w][g][0]);
+        float L = 0.f, A = 0.f;
+        if (M != -INFINITY)
+            for (int w = 0; w < kWarps; ++w) {
+                const float f = expf(sm[w][g][0] - M);
+                L += sm[w][g][1] * f;
+                A += sacc[w][g][dim] * f;
+            }
+        float *out = partial(scratch, (static_cast<int64_t>(t) * n_heads + kvh * G + g) * splits + split, hd);
+        if (dim == 0) {
+            out[0] = M;
+            out[1] = L;
+        }
+        out[2 + dim] = A;
+    }
+}
+
+__global__ void attention_merge_kernel(const float *scratch, int32_t n_heads, int32_t hd, int32_t splits,
+                                       uint16_t *out) {
+    const int32_t t = blockIdx.x, h = blockIdx.y;
+    const int64_t base = (static_cast<int64_t>(t) * n_heads + h) * splits;
+    float M = -INFINITY;
+    for (int32_t s = 0; s < splits; ++s) {
+        const float *p = scratch + (base + s) * (hd + 2);
+        if (p[1] > 0.f) M = fmaxf(M, p[0]);
+    }
+    for (int32_t dim = threadIdx.x; dim < hd; dim += blockDim.x) {
+        float L = 0.f, A = 0.f;
+        for (int32_t s = 0; s < splits; ++s) {
+            const float *p = scratch + (base + s) * (hd + 2);
+            if (p[1] > 0.f) {
+                const float f = expf(p[0] - M);
+                L += p[1] * f;
+                A += p[2 + dim] * f;
+            }
+        }
+        out[(static_cast<int64_t>(t) * n_heads + h) * hd + dim] = f2bf(A / L);
+    }
+}
+
+}  // namespace
+
+int32_t attention_splits(int32_t n_tokens, int32_t n_kv_heads, int32_t max_ctx) {
+    // Enough blocks to cover the GPU a few times over; each split keeps at least 128 keys.
+    const int64_t blocks = static_cast<int64_t>(n_tokens) * n_kv_heads;
+    if (blocks >= 132 * 4) return 1;
+    int64_t want = (132 * 4 + blocks - 1) / blocks;
+    int64_t by_len = (max_ctx + 127) / 128;
+    int64_t s = want < by_len ? want : by_len;
+    return static_cast<int32_t>(s < 1 ? 1 : (s > 64 ? 64 : s));
+}
+
+size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t splits) {
+    return static_cast<size_t>(n_tokens) * n_heads * splits * (head_dim + 2) * sizeof(float);
+}
+
+void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
+               int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream) {
+    if (n_tokens == 0) return;
+    if (kv.head_dim > 32 * kMaxPerLane || n_heads % kv.n_kv_heads != 0 || n_heads / kv.n_kv_heads > kMaxGroup)
+        fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: needs head_dim <= 256 and at most 8 query heads per KV head, got " +
+                                       std::to_string(kv.head_dim) + " and " + std::to_string(n_heads) + "/" +
+                                       std::to_string(kv.n_kv_heads));
+    const float scale = 1.0f / sqrtf(static_cast<float>(kv.head_dim));
+    float *partials = static_cast<float *>(scratch);
+    const dim3 grid(n_tokens, kv.n_kv_heads, splits);
+    if (kv.head_dim <= 32)
+        attention_kernel<1><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials);
+    else if (kv.head_dim <= 128)
+        attention_kernel<4><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials);
+    else
+        attention_kernel<8><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials);
+    DBRX_CUDA_LAUNCH_CHECK();
+    attention_merge_kernel<<<dim3(n_tokens, n_heads), kv.head_dim < 128 ? kv.head_dim : 128, 0, stream>>>(
+        partials, n_heads, kv.head_dim, splits, out);
+    DBRX_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace dbrx::cuda

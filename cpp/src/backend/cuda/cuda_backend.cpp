@@ -1,0 +1,223 @@
+#include "backend/cuda/cuda_backend.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/kernels.h"
+
+namespace dbrx::cuda {
+
+namespace {
+MoeShape moe_shape(const ModelConfig &c) {
+    MoeShape s;
+    s.d_model = c.d_model;
+    s.ffn = c.ffn_hidden;
+    s.n_experts = c.n_experts;
+    s.top_k = c.top_k;
+    s.norm_p = c.moe_norm_p ? static_cast<float>(*c.moe_norm_p) : 0.f;
+    return s;
+}
+}  // namespace
+
+// ---- KV pool: one allocation, per layer per block [K: bs][kv][hd] then [V: bs][kv][hd], bf16 ----
+
+int64_t CudaKvPool::bytes_per_block(const ModelConfig &c, int32_t bs) {
+    return static_cast<int64_t>(c.n_layers) * 2 * bs * c.n_kv_heads * c.head_dim * sizeof(bf16_t);
+}
+
+CudaKvPool::CudaKvPool(const ModelConfig &c, int32_t n_blocks, int32_t block_size)
+    : n_blocks_(n_blocks), block_size_(block_size), n_kv_heads_(c.n_kv_heads), head_dim_(c.head_dim) {
+    if (n_blocks <= 0 || block_size <= 0)
+        invalid_argument("KV pool needs n_blocks > 0 and block_size > 0, got " + std::to_string(n_blocks) + " x " +
+                         std::to_string(block_size));
+    data_ = DeviceBuffer(static_cast<size_t>(bytes_per_block(c, block_size)) * n_blocks, "KV pool");
+    std::fprintf(stderr, "dbrx: CUDA KV pool: %d blocks of %d tokens, %.2f GiB of device memory\n", n_blocks,
+                 block_size, static_cast<double>(data_.bytes()) / (1 << 30));
+}
+
+KvLayer CudaKvPool::layer(int32_t l) const {
+    KvLayer k;
+    const int64_t half = static_cast<int64_t>(block_size_) * n_kv_heads_ * head_dim_;
+    k.block_stride = 2 * half;
+    k.v_offset = half;
+    k.base = data_.as<bf16_t>() + static_cast<int64_t>(l) * n_blocks_ * k.block_stride;
+    k.block_size = block_size_;
+    k.n_kv_heads = n_kv_heads_;
+    k.head_dim = head_dim_;
+    return k;
+}
+
+// ---- backend ----
+
+struct CudaBackend::Step {
+    int32_t n_tokens = 0, n_seqs = 0, n_blocks = 0, n_out = 0, max_ctx = 0;
+    // offsets (in int32) of each array inside the metadata buffer
+    int64_t ids = 0, pos = 0, seq = 0, block_off = 0, blocks = 0, out_rows = 0, total = 0;
+};
+
+CudaBackend::CudaBackend(std::unique_ptr<DeviceModel> model, int32_t device_id)
+    : model_(std::move(model)), device_(device_id), blas_(stream_.get()), moe_(moe_shape(model_->config)) {
+    const ModelConfig &c = model_->config;
+    if (c.d_model % 8 != 0) fail(DBRX_ERR_UNSUPPORTED, "CUDA backend: d_model must be a multiple of 8");
+    if (c.head_dim % 2 != 0 || c.head_dim > 256)
+        fail(DBRX_ERR_UNSUPPORTED, "CUDA backend: head_dim must be even and <= 256");
+}
+
+int64_t CudaBackend::kv_bytes_per_block(int32_t block_size) const {
+    return CudaKvPool::bytes_per_block(model_->config, block_size);
+}
+
+int64_t CudaBackend::kv_memory_available() const {
+    set_device(device_);
+    size_t free_b = 0, total_b = 0;
+    DBRX_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    // Keep room for activations and cuBLAS workspaces: 2 GiB or 5 % of the card, whichever is more.
+    const int64_t reserve = std::max<int64_t>(int64_t{2} << 30, static_cast<int64_t>(total_b / 20));
+    return std::max<int64_t>(0, static_cast<int64_t>(free_b) - reserve);
+}
+
+std::unique_ptr<KvPool> CudaBackend::create_kv_pool(int32_t n_blocks, int32_t block_size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    set_device(device_);
+    return std::make_unique<CudaKvPool>(model_->config, n_blocks, block_size);
+}
+
+void CudaBackend::forward(KvPool &pool_base, std::span<const SeqStep> batch, float *logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    set_device(device_);
+    auto *pool = dynamic_cast<CudaKvPool *>(&pool_base);
+    if (!pool) invalid_argument("CUDA backend: the KV pool was not created by this backend");
+    const ModelConfig &c = model_->config;
+    const int32_t bs = pool->block_size();
+
+    // Validate and lay out the step's metadata in one pinned buffer (one upload).
+    Step st;
+    st.n_seqs = static_cast<int32_t>(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+        const SeqStep &s = batch[i];
+        const int64_t n = static_cast<int64_t>(s.tokens.size());
+        if (n == 0) invalid_argument("forward: sequence " + std::to_string(i) + " has no tokens");
+        if (s.pos0 < 0) invalid_argument("forward: sequence " + std::to_string(i) + " has pos0 < 0");
+        const int64_t end = s.pos0 + n;
+        if (end > static_cast<int64_t>(s.blocks.size()) * bs)
+            invalid_argument("forward: sequence " + std::to_string(i) + " needs " + std::to_string(end) +
+                             " positions but its block table covers " + std::to_string(s.blocks.size() * bs));
+        for (int32_t b : s.blocks)
+            if (b < 0 || b >= pool->n_blocks())
+                invalid_argument("forward: sequence " + std::to_string(i) + " names KV block " + std::to_string(b) +
+                                 " outside the pool of " + std::to_string(pool->n_blocks()));
+        for (int32_t t : s.tokens)
+            if (t < 0 || t >= c.vocab_size)
+                invalid_argument("forward: token id " + std::to_string(t) + " outside the vocabulary of " +
+                                 std::to_string(c.vocab_size));
+        st.n_tokens += static_cast<int32_t>(n);
+        st.n_blocks += static_cast<int32_t>(s.blocks.size());
+        st.n_out += s.want_logits ? 1 : 0;
+        st.max_ctx = std::max<int32_t>(st.max_ctx, static_cast<int32_t>(end));
+    }
+    if (st.n_tokens == 0) return;
+    st.ids = 0;
+    st.pos = st.ids + st.n_tokens;
+    st.seq = st.pos + st.n_tokens;
+    st.block_off = st.seq + st.n_tokens;
+    st.blocks = st.block_off + st.n_seqs;
+    st.out_rows = st.blocks + st.n_blocks;
+    st.total = st.out_rows + st.n_out;
+    host_meta_.reserve(st.total * sizeof(int32_t));
+    int32_t *hm = host_meta_.as<int32_t>();
+    int32_t t = 0, boff = 0, o = 0;
+    for (int32_t i = 0; i < st.n_seqs; ++i) {
+        const SeqStep &s = batch[i];
+        hm[st.block_off + i] = boff;
+        std::memcpy(hm + st.blocks + boff, s.blocks.data(), s.blocks.size() * sizeof(int32_t));
+        boff += static_cast<int32_t>(s.blocks.size());
+        for (size_t j = 0; j < s.tokens.size(); ++j, ++t) {
+            hm[st.ids + t] = s.tokens[j];
+            hm[st.pos + t] = s.pos0 + static_cast<int32_t>(j);
+            hm[st.seq + t] = i;
+        }
+        if (s.want_logits) hm[st.out_rows + o++] = t - 1;
+    }
+    meta_.reserve(st.total * sizeof(int32_t), "step metadata");
+    DBRX_CUDA_CHECK(cudaMemcpyAsync(meta_.get(), hm, st.total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_.get()));
+
+    run_layers(*pool, st);
+
+    if (st.n_out > 0) {
+        const int32_t *m = meta_.as<int32_t>();
+        x_.reserve(sizeof(bf16_t) * st.n_out * c.d_model, "activations");
+        logits_.reserve(sizeof(float) * st.n_out * static_cast<size_t>(c.vocab_size), "logits");
+        layernorm(h_.as<float>(), m + st.out_rows, model_->norm_f.as<bf16_t>(), x_.as<bf16_t>(), st.n_out, c.d_model,
+                  stream_.get());
+        gemm_xwt(blas_.get(), x_.as<bf16_t>(), st.n_out, c.d_model, model_->lm_head.as<bf16_t>(), c.vocab_size,
+                 logits_.as<float>());
+        DBRX_CUDA_CHECK(cudaMemcpyAsync(logits, logits_.get(), sizeof(float) * st.n_out * c.vocab_size,
+                                        cudaMemcpyDeviceToHost, stream_.get()));
+    }
+    DBRX_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+}
+
+void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
+    const ModelConfig &c = model_->config;
+    const int32_t T = st.n_tokens, d = c.d_model, H = c.n_heads;
+    cudaStream_t s = stream_.get();
+    const int32_t *m = meta_.as<int32_t>();
+    TokenMeta tm;
+    tm.pos = m + st.pos;
+    tm.seq = m + st.seq;
+    tm.block_off = m + st.block_off;
+    tm.blocks = m + st.blocks;
+    const int32_t splits = attention_splits(T, c.n_kv_heads, st.max_ctx);
+
+    h_.reserve(sizeof(float) * T * d, "residual stream");
+    x_.reserve(sizeof(bf16_t) * T * d, "activations");
+    qkv_.reserve(sizeof(float) * T * c.qkv_rows(), "qkv");
+    q_.reserve(sizeof(float) * T * d, "queries");
+    attn_.reserve(sizeof(bf16_t) * T * d, "attention output");
+    attn_scratch_.reserve(attention_scratch_bytes(T, H, c.head_dim, splits), "attention partials");
+    const float clip = c.clip_qkv ? *c.clip_qkv : 0.f;
+
+    embed(m + st.ids, model_->wte.as<bf16_t>(), h_.as<float>(), T, d, s);
+    for (int32_t l = 0; l < c.n_layers; ++l) {
+        const DeviceLayer &L = model_->layers[l];
+        const KvLayer kv = pool.layer(l);
+        layernorm(h_.as<float>(), nullptr, L.norm_1.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
+        gemm_xwt(blas_.get(), x_.as<bf16_t>(), T, d, L.wqkv.as<bf16_t>(), c.qkv_rows(), qkv_.as<float>());
+        qkv_epilogue(qkv_.as<float>(), T, H, clip, model_->inv_freq.as<float>(), tm, kv, q_.as<float>(), s);
+        attention(q_.as<float>(), T, H, tm, kv, st.max_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s);
+        gemm_xwt(blas_.get(), attn_.as<bf16_t>(), T, d, L.out_proj.as<bf16_t>(), d, h_.as<float>(), 1.f);
+        layernorm(h_.as<float>(), nullptr, L.norm_2.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
+        MoeWeights mw;
+        mw.router = L.router.as<bf16_t>();
+        mw.w13 = L.w13.as<bf16_t>();
+        mw.w2 = L.w2.as<bf16_t>();
+        moe_.forward(x_.as<bf16_t>(), T, mw, h_.as<float>(), blas_.get(), s, moe_path_);
+    }
+}
+
+std::unique_ptr<CudaBackend> make_cuda_backend_from(std::unique_ptr<DeviceModel> model, int32_t device_id) {
+    return std::make_unique<CudaBackend>(std::move(model), device_id);
+}
+
+}  // namespace dbrx::cuda
+
+namespace dbrx {
+
+std::unique_ptr<Backend> make_cuda_backend(const Checkpoint &ckpt, const BackendOptions &options,
+                                           bool (*progress)(float, void *), void *progress_user) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        fail(DBRX_ERR_UNSUPPORTED, "no CUDA device is visible (cudaGetDeviceCount found none)");
+    }
+    if (options.device_id < 0 || options.device_id >= n)
+        invalid_argument("CUDA device " + std::to_string(options.device_id) + " does not exist (" + std::to_string(n) +
+                         " visible)");
+    cuda::set_device(options.device_id);
+    return cuda::make_cuda_backend_from(cuda::upload_model(ckpt, progress, progress_user), options.device_id);
+}
+
+}  // namespace dbrx

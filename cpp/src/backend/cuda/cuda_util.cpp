@@ -1,0 +1,85 @@
+#include "backend/cuda/cuda_util.h"
+
+namespace dbrx::cuda {
+
+void throw_cuda(cudaError_t err, const char *what, const char *file, int line) {
+    dbrx_status st = err == cudaErrorMemoryAllocation ? DBRX_ERR_OUT_OF_MEMORY : DBRX_ERR_INTERNAL;
+    throw Error(st, std::string("CUDA error ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ") in " +
+                        what + " at " + file + ":" + std::to_string(line));
+}
+
+void throw_cublas(cublasStatus_t s, const char *what, const char *file, int line) {
+    dbrx_status st = s == CUBLAS_STATUS_ALLOC_FAILED ? DBRX_ERR_OUT_OF_MEMORY : DBRX_ERR_INTERNAL;
+    throw Error(st, std::string("cuBLAS error ") + cublasGetStatusName(s) + " in " + what + " at " + file + ":" +
+                        std::to_string(line));
+}
+
+DeviceBuffer::DeviceBuffer(size_t bytes, const char *what) { reserve(bytes, what); }
+
+DeviceBuffer::~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);
+}
+
+DeviceBuffer &DeviceBuffer::operator=(DeviceBuffer &&o) noexcept {
+    if (this != &o) {
+        if (ptr_) cudaFree(ptr_);
+        ptr_ = std::exchange(o.ptr_, nullptr);
+        bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+}
+
+void DeviceBuffer::reserve(size_t bytes, const char *what) {
+    if (bytes <= bytes_) return;
+    if (ptr_) cudaFree(std::exchange(ptr_, nullptr));
+    bytes_ = 0;
+    cudaError_t err = cudaMalloc(&ptr_, bytes);
+    if (err != cudaSuccess) {
+        cudaGetLastError();  // clear the sticky-free allocation error
+        ptr_ = nullptr;
+        throw Error(err == cudaErrorMemoryAllocation ? DBRX_ERR_OUT_OF_MEMORY : DBRX_ERR_INTERNAL,
+                    std::string("cudaMalloc of ") + std::to_string(bytes) + " bytes for " + what +
+                        " failed: " + cudaGetErrorString(err));
+    }
+    bytes_ = bytes;
+}
+
+PinnedBuffer::PinnedBuffer(size_t bytes) { reserve(bytes); }
+
+PinnedBuffer::~PinnedBuffer() {
+    if (ptr_) cudaFreeHost(ptr_);
+}
+
+PinnedBuffer &PinnedBuffer::operator=(PinnedBuffer &&o) noexcept {
+    if (this != &o) {
+        if (ptr_) cudaFreeHost(ptr_);
+        ptr_ = std::exchange(o.ptr_, nullptr);
+        bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+}
+
+void PinnedBuffer::reserve(size_t bytes) {
+    if (bytes <= bytes_) return;
+    if (ptr_) cudaFreeHost(std::exchange(ptr_, nullptr));
+    bytes_ = 0;
+    DBRX_CUDA_CHECK(cudaMallocHost(&ptr_, bytes));
+    bytes_ = bytes;
+}
+
+Stream::Stream() { DBRX_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+Stream::~Stream() {
+    if (s_) cudaStreamDestroy(s_);
+}
+
+CublasHandle::CublasHandle(cudaStream_t stream) {
+    DBRX_CUBLAS_CHECK(cublasCreate(&h_));
+    DBRX_CUBLAS_CHECK(cublasSetStream(h_, stream));
+}
+CublasHandle::~CublasHandle() {
+    if (h_) cublasDestroy(h_);
+}
+
+void set_device(int device) { DBRX_CUDA_CHECK(cudaSetDevice(device)); }
+
+}  // namespace dbrx::cuda

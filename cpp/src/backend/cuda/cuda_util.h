@@ -1,0 +1,102 @@
+// Error checks and RAII owners for CUDA resources. Every failure becomes a dbrx::Error that names
+// the call and where it happened; out-of-memory becomes DBRX_ERR_OUT_OF_MEMORY.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "util/error.h"
+
+namespace dbrx::cuda {
+
+[[noreturn]] void throw_cuda(cudaError_t err, const char *what, const char *file, int line);
+[[noreturn]] void throw_cublas(cublasStatus_t st, const char *what, const char *file, int line);
+
+#define DBRX_CUDA_CHECK(call)                                                            \
+    do {                                                                                 \
+        cudaError_t dbrx_err_ = (call);                                                  \
+        if (dbrx_err_ != cudaSuccess) ::dbrx::cuda::throw_cuda(dbrx_err_, #call, __FILE__, __LINE__); \
+    } while (0)
+#define DBRX_CUBLAS_CHECK(call)                                                          \
+    do {                                                                                 \
+        cublasStatus_t dbrx_st_ = (call);                                                \
+        if (dbrx_st_ != CUBLAS_STATUS_SUCCESS) ::dbrx::cuda::throw_cublas(dbrx_st_, #call, __FILE__, __LINE__); \
+    } while (0)
+// After a kernel launch: configuration errors surface here, not at the next sync.
+#define DBRX_CUDA_LAUNCH_CHECK() DBRX_CUDA_CHECK(cudaGetLastError())
+
+// Device memory from cudaMalloc (plain allocations; never managed memory).
+class DeviceBuffer {
+public:
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t bytes, const char *what = "device buffer");
+    ~DeviceBuffer();
+    DeviceBuffer(DeviceBuffer &&o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+    DeviceBuffer &operator=(DeviceBuffer &&o) noexcept;
+    DeviceBuffer(const DeviceBuffer &) = delete;
+    DeviceBuffer &operator=(const DeviceBuffer &) = delete;
+
+    // Grows (never shrinks) to at least `bytes`; contents are not kept.
+    void reserve(size_t bytes, const char *what = "device buffer");
+    void *get() const { return ptr_; }
+    template <class T> T *as() const { return static_cast<T *>(ptr_); }
+    size_t bytes() const { return bytes_; }
+
+private:
+    void *ptr_ = nullptr;
+    size_t bytes_ = 0;
+};
+
+// Page-locked host memory (staging for uploads and the per-step metadata).
+class PinnedBuffer {
+public:
+    PinnedBuffer() = default;
+    explicit PinnedBuffer(size_t bytes);
+    ~PinnedBuffer();
+    PinnedBuffer(PinnedBuffer &&o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+    PinnedBuffer &operator=(PinnedBuffer &&o) noexcept;
+    PinnedBuffer(const PinnedBuffer &) = delete;
+    PinnedBuffer &operator=(const PinnedBuffer &) = delete;
+    void reserve(size_t bytes);
+    void *get() const { return ptr_; }
+    template <class T> T *as() const { return static_cast<T *>(ptr_); }
+    size_t bytes() const { return bytes_; }
+
+private:
+    void *ptr_ = nullptr;
+    size_t bytes_ = 0;
+};
+
+class Stream {
+public:
+    Stream();
+    ~Stream();
+    Stream(const Stream &) = delete;
+    Stream &operator=(const Stream &) = delete;
+    cudaStream_t get() const { return s_; }
+
+private:
+    cudaStream_t s_ = nullptr;
+};
+
+class CublasHandle {
+public:
+    explicit CublasHandle(cudaStream_t stream);
+    ~CublasHandle();
+    CublasHandle(const CublasHandle &) = delete;
+    CublasHandle &operator=(const CublasHandle &) = delete;
+    cublasHandle_t get() const { return h_; }
+
+private:
+    cublasHandle_t h_ = nullptr;
+};
+
+// Makes `device` current on the calling thread (the engine may call from any thread).
+void set_device(int device);
+
+}  // namespace dbrx::cuda

@@ -1,0 +1,29 @@
+#include "backend/cuda/gemm.h"
+
+#include "backend/cuda/cuda_util.h"
+
+namespace dbrx::cuda {
+
+// cuBLAS is column-major: a row-major [T][N] result is its column-major [N][T], so both calls
+// compute y^T = op(W) x^T with the weight as the first operand.
+void gemm_xwt(cublasHandle_t h, const bf16_t *x, int64_t T, int64_t K, const bf16_t *w, int64_t N, float *y,
+              float beta) {
+    if (T == 0) return;
+    const float alpha = 1.f;
+    DBRX_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(T),
+                                   static_cast<int>(K), &alpha, w, CUDA_R_16BF, static_cast<int>(K), x, CUDA_R_16BF,
+                                   static_cast<int>(K), &beta, y, CUDA_R_32F, static_cast<int>(N), CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
+}
+
+void gemm_xw(cublasHandle_t h, const bf16_t *x, int64_t T, int64_t K, const bf16_t *w, int64_t N, float *y,
+             float beta) {
+    if (T == 0) return;
+    const float alpha = 1.f;
+    DBRX_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(T),
+                                   static_cast<int>(K), &alpha, w, CUDA_R_16BF, static_cast<int>(N), x, CUDA_R_16BF,
+                                   static_cast<int>(K), &beta, y, CUDA_R_32F, static_cast<int>(N), CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace dbrx::cuda

@@ -1,0 +1,96 @@
+// Host launchers of the CUDA backend's own kernels (everything that is not a cuBLAS GEMM).
+// Activations: the residual stream is fp32, GEMM inputs are bf16, GEMM outputs fp32; weights and
+// the KV cache are bf16. All pointers are device pointers unless named host_*; every launcher
+// enqueues on `stream` and returns without synchronising.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "util/bf16.h"
+
+namespace dbrx::cuda {
+
+// Per-token metadata of one step, on the device. Token t belongs to sequence seq[t] at position
+// pos[t]; that sequence's block table is blocks[block_off[seq[t]] ...].
+struct TokenMeta {
+    const int32_t *pos = nullptr;
+    const int32_t *seq = nullptr;
+    const int32_t *block_off = nullptr;
+    const int32_t *blocks = nullptr;
+};
+
+// One layer's paged KV: block b holds K at base + b * block_stride and V at base + b * block_stride
+// + v_offset, each [block_size][n_kv_heads][head_dim] bf16.
+struct KvLayer {
+    bf16_t *base = nullptr;
+    int64_t block_stride = 0;
+    int64_t v_offset = 0;
+    int32_t block_size = 0;
+    int32_t n_kv_heads = 0;
+    int32_t head_dim = 0;
+};
+
+// h[t] = float(wte[ids[t]]).
+void embed(const int32_t *ids, const bf16_t *wte, float *h, int32_t n_tokens, int32_t d, cudaStream_t stream);
+
+// y[i] = bf16(layernorm(x[rows ? rows[i] : i]) * w), no bias, eps 1e-5, statistics in fp32.
+void layernorm(const float *x, const int32_t *rows, const bf16_t *w, bf16_t *y, int32_t n_rows, int32_t d,
+               cudaStream_t stream);
+
+// qkv [T][d + 2 kv hd] (fp32 GEMM output): clamp to +-clip (clip <= 0: none), rotate-half RoPE on q
+// and k at each token's position (inv_freq: head_dim/2 fp32 values), q written to q_out [T][H][hd]
+// fp32, k and v written into the paged cache at the token's slot.
+void qkv_epilogue(const float *qkv, int32_t n_tokens, int32_t n_heads, float clip, const float *inv_freq,
+                  TokenMeta meta, KvLayer kv, float *q_out, cudaStream_t stream);
+
+// Causal paged attention: token t (query heads q[t][H][hd]) attends to positions 0..pos[t] of its
+// sequence. One thread block reads each key once for the H / n_kv query heads sharing it; long
+// contexts are split over `splits` blocks whose partial softmax states are merged afterwards.
+int32_t attention_splits(int32_t n_tokens, int32_t n_kv_heads, int32_t max_ctx);
+size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t splits);
+void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
+               int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream);
+
+// Router over logits [T][E] (fp32): softmax, top-k (ties to the lower expert), weights divided by
+// their p-norm when norm_p > 0. experts/weights [T][k] in rank order.
+void route_topk(const float *logits, int32_t n_tokens, int32_t n_experts, int32_t top_k, float norm_p,
+                int32_t *experts, float *weights, cudaStream_t stream);
+
+// Groups the T*k (token, rank) pairs by expert on the device: offsets[E+1] (rows of expert e are
+// [offsets[e], offsets[e+1])), active[0] = n_active and active[1..n_active] = the experts with rows,
+// perm_row[t*k + r] = the row of pair (t, r), row_token[row] = its token.
+void moe_permute(const int32_t *experts, int32_t n_tokens, int32_t n_experts, int32_t top_k, int32_t *offsets,
+                 int32_t *active, int32_t *perm_row, int32_t *row_token, cudaStream_t stream);
+
+// xp[row] = x[row_token[row]] for rows [0, n_rows), bf16 rows of width d.
+void gather_rows(const bf16_t *x, const int32_t *row_token, bf16_t *xp, int32_t n_rows, int32_t d,
+                 cudaStream_t stream);
+
+// g[row][j] = bf16(silu(gu[row][j]) * gu[row][F + j]) for gu [rows][2F] (gate | up).
+void silu_mul(const float *gu, bf16_t *g, int32_t n_rows, int32_t ffn, cudaStream_t stream);
+
+// h[t] += sum_r weights[t][r] * sum_p y[p][perm_row[t*k + r]] (ranks and parts summed in order);
+// y holds n_parts partial results, part p at y + p * part_stride (floats), rows of width d.
+void moe_unpermute(const float *y, int32_t n_parts, int64_t part_stride, const int32_t *perm_row,
+                   const float *weights, int32_t n_tokens, int32_t top_k, int32_t d, float *h, cudaStream_t stream);
+
+// Small-batch experts as GEMVs driven by device-side routing (no host round trip); each expert's
+// rows must number at most kMoeGemvMaxRows.
+constexpr int32_t kMoeGemvMaxRows = 8;
+constexpr int32_t kMoeDownSplits = 16;
+// max_active bounds the number of active experts (grid size), max_rows the rows of any one expert.
+// g[row][j] = silu(xp[row] . W13[e][j]) * (xp[row] . W13[e][F + j]) for the rows of every active expert.
+void moe_up_gemv(const bf16_t *xp, const bf16_t *w13, const int32_t *offsets, const int32_t *active,
+                 int32_t max_active, int32_t max_rows, int32_t d, int32_t ffn, bf16_t *g, cudaStream_t stream);
+// y[p][row] = sum_{j in split p} g[row][j] W2[e][j][:] for p < kMoeDownSplits (fp32 partials,
+// part stride n_rows * d).
+void moe_down_gemv(const bf16_t *g, const bf16_t *w2, const int32_t *offsets, const int32_t *active,
+                   int32_t max_active, int32_t max_rows, int32_t n_rows, int32_t d, int32_t ffn, float *y,
+                   cudaStream_t stream);
+
+// Deterministic pseudo-random bf16 fill: uniform in [mean - half_range, mean + half_range].
+void fill_uniform(bf16_t *p, int64_t n, uint64_t seed, float mean, float half_range, cudaStream_t stream);
+
+}  // namespace dbrx::cuda

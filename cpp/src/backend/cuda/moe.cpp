@@ -1,0 +1,77 @@
+#include "backend/cuda/moe.h"
+
+#include <algorithm>
+
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/kernels.h"
+
+namespace dbrx::cuda {
+
+void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cublasHandle_t blas,
+                  cudaStream_t stream, MoePath path) {
+    if (T == 0) return;
+    const int32_t d = s_.d_model, F = s_.ffn, E = s_.n_experts, k = s_.top_k;
+    const int64_t rows = static_cast<int64_t>(T) * k;
+    if (path == MoePath::Auto) path = T <= kMoeGemvMaxRows ? MoePath::Gemv : MoePath::Gemm;
+    if (path == MoePath::Gemv && T > kMoeGemvMaxRows)
+        invalid_argument("MoE GEMV path takes at most " + std::to_string(kMoeGemvMaxRows) + " tokens, got " +
+                         std::to_string(T));
+
+    logits_.reserve(sizeof(float) * T * E, "router logits");
+    experts_.reserve(sizeof(int32_t) * rows, "router experts");
+    weights_.reserve(sizeof(float) * rows, "router weights");
+    offsets_.reserve(sizeof(int32_t) * (E + 1), "expert offsets");
+    active_.reserve(sizeof(int32_t) * (E + 1), "active experts");
+    perm_row_.reserve(sizeof(int32_t) * rows, "MoE permutation");
+    row_token_.reserve(sizeof(int32_t) * rows, "MoE permutation");
+    xp_.reserve(sizeof(bf16_t) * rows * d, "permuted tokens");
+    g_.reserve(sizeof(bf16_t) * rows * F, "expert activations");
+
+    gemm_xwt(blas, x, T, d, w.router, E, logits_.as<float>());
+    route_topk(logits_.as<float>(), T, E, k, s_.norm_p, experts_.as<int32_t>(), weights_.as<float>(), stream);
+    moe_permute(experts_.as<int32_t>(), T, E, k, offsets_.as<int32_t>(), active_.as<int32_t>(),
+                perm_row_.as<int32_t>(), row_token_.as<int32_t>(), stream);
+    gather_rows(x, row_token_.as<int32_t>(), xp_.as<bf16_t>(), static_cast<int32_t>(rows), d, stream);
+
+    const int32_t max_active = static_cast<int32_t>(std::min<int64_t>(E, rows));
+    if (path == MoePath::Gemv) {
+        y_.reserve(sizeof(float) * kMoeDownSplits * rows * d, "expert outputs");
+        moe_up_gemv(xp_.as<bf16_t>(), w.w13, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active, T, d, F,
+                    g_.as<bf16_t>(), stream);
+        moe_down_gemv(g_.as<bf16_t>(), w.w2, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active, T,
+                      static_cast<int32_t>(rows), d, F, y_.as<float>(), stream);
+        moe_unpermute(y_.as<float>(), kMoeDownSplits, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T, k,
+                      d, h, stream);
+        return;
+    }
+    gu_.reserve(sizeof(float) * rows * 2 * F, "expert gate/up");
+    y_.reserve(sizeof(float) * rows * d, "expert outputs");
+    host_offsets_.reserve(sizeof(int32_t) * (E + 1));
+    DBRX_CUDA_CHECK(cudaMemcpyAsync(host_offsets_.get(), offsets_.get(), sizeof(int32_t) * (E + 1),
+                                    cudaMemcpyDeviceToHost, stream));
+    DBRX_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const int32_t *off = host_offsets_.as<int32_t>();
+    for (int32_t e = 0; e < E; ++e) {
+        const int32_t n = off[e + 1] - off[e];
+        if (n == 0) continue;
+        gemm_xwt(blas, xp_.as<bf16_t>() + static_cast<int64_t>(off[e]) * d, n, d,
+                 w.w13 + static_cast<int64_t>(e) * 2 * F * d, 2 * F, gu_.as<float>() + static_cast<int64_t>(off[e]) * 2 * F);
+    }
+    silu_mul(gu_.as<float>(), g_.as<bf16_t>(), static_cast<int32_t>(rows), F, stream);
+    for (int32_t e = 0; e < E; ++e) {
+        const int32_t n = off[e + 1] - off[e];
+        if (n == 0) continue;
+        gemm_xw(blas, g_.as<bf16_t>() + static_cast<int64_t>(off[e]) * F, n, F, w.w2 + static_cast<int64_t>(e) * F * d,
+                d, y_.as<float>() + static_cast<int64_t>(off[e]) * d);
+    }
+    moe_unpermute(y_.as<float>(), 1, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T, k, d, h, stream);
+}
+
+int32_t Moe::active_experts(cudaStream_t stream) {
+    int32_t n = 0;
+    DBRX_CUDA_CHECK(cudaMemcpyAsync(&n, active_.get(), sizeof n, cudaMemcpyDeviceToHost, stream));
+    DBRX_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return n;
+}
+
+}  // namespace dbrx::cuda

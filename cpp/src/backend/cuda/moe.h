@@ -1,0 +1,51 @@
+// One MoE layer on the GPU: router GEMM, fused softmax/top-k/renormalise, permutation by expert on
+// the device, expert GEMMs with gate and up fused in one weight [E][2F][d], SiLU*up, and the
+// weighted un-permute added into the residual.
+#pragma once
+
+#include <cstdint>
+
+#include "backend/cuda/cuda_util.h"
+#include "util/bf16.h"
+
+namespace dbrx::cuda {
+
+struct MoeShape {
+    int32_t d_model = 0;
+    int32_t ffn = 0;
+    int32_t n_experts = 0;
+    int32_t top_k = 0;
+    float norm_p = 0.f;  // <= 0: weights not renormalised
+};
+
+struct MoeWeights {
+    const bf16_t *router = nullptr;  // [E][d]
+    const bf16_t *w13 = nullptr;     // [E][2F][d]: rows of w1 (gate) then v1 (up) of each expert
+    const bf16_t *w2 = nullptr;      // [E][F][d]
+};
+
+enum class MoePath {
+    Auto,  // GEMV kernels up to kMoeGemvMaxRows tokens, cuBLAS per expert above
+    Gemv,  // device-routed GEMV kernels (T <= kMoeGemvMaxRows); no host round trip
+    Gemm,  // cuBLAS per expert; reads the expert offsets back to the host once per layer
+};
+
+class Moe {
+public:
+    explicit Moe(const MoeShape &shape) : s_(shape) {}
+    // h[t] += MoE(x[t]) for x [T][d] bf16 (the normalised input), h [T][d] fp32.
+    void forward(const bf16_t *x, int32_t n_tokens, const MoeWeights &w, float *h, cublasHandle_t blas,
+                 cudaStream_t stream, MoePath path = MoePath::Auto);
+    // After forward: the router's choices [T][k] and the number of distinct experts used (synchronises).
+    const int32_t *experts() const { return experts_.as<int32_t>(); }
+    const float *weights() const { return weights_.as<float>(); }
+    int32_t active_experts(cudaStream_t stream);
+    const MoeShape &shape() const { return s_; }
+
+private:
+    MoeShape s_;
+    DeviceBuffer logits_, experts_, weights_, offsets_, active_, perm_row_, row_token_, xp_, gu_, g_, y_;
+    PinnedBuffer host_offsets_;
+};
+
+}  // namespace dbrx::cuda
