@@ -5,7 +5,9 @@
 // gets logits that depend only on the token history, whatever the batch or chunking.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -107,7 +109,9 @@ public:
             }
             if (s.want_logits) {
                 const int32_t last = s.pos0 + static_cast<int32_t>(s.tokens.size()) - 1;
-                fake_logits(pool.slot(s.blocks, last), std::span<float>(logits + row * n_vocab_, static_cast<size_t>(n_vocab_)));
+                std::span<float> row_out(logits + row * n_vocab_, static_cast<size_t>(n_vocab_));
+                fake_logits(pool.slot(s.blocks, last), row_out);
+                if (nan_token && last < 3 && s.tokens.back() == *nan_token) std::fill(row_out.begin(), row_out.end(), std::nanf(""));
                 ++row;
             }
         }
@@ -115,6 +119,7 @@ public:
 
     std::atomic<int64_t> forwards{0};
     std::optional<int32_t> fail_token;  // set before submitting
+    std::optional<int32_t> nan_token;   // a sequence of <= 3 tokens ending in it gets all-NaN logits
     std::atomic<int32_t> step_delay_us{0};  // makes steps slow enough to cancel mid-request
 
 private:
