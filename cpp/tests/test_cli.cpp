@@ -21,7 +21,7 @@ namespace {
 
 const std::vector<std::string> kFixtures = {DBRX_SOURCE_DIR "/fixtures/tiny-dbrx", DBRX_SOURCE_DIR "/models/tiny-dbrx-cl100k"};
 
-struct Run {
+struct CliRun {
     int exit_code;
     std::string out;  // stdout
     std::string err;  // stderr
@@ -32,20 +32,20 @@ std::string slurp(const fs::path &p) {
     return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-Run run_cli(const std::string &args) {
+CliRun run_cli(const std::string &args) {
     static int counter = 0;
     fs::path dir = fs::temp_directory_path() / ("dbrx_cli_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
     fs::create_directories(dir);
     std::string cmd = std::string(DBRX_CLI_PATH) + " " + args + " >" + (dir / "out").string() + " 2>" + (dir / "err").string();
     int status = std::system(cmd.c_str());
-    Run r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
+    CliRun r{WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out"), slurp(dir / "err")};
     fs::remove_all(dir);
     return r;
 }
 
 json eval(const std::string &model, const std::string &extra = "") {
     fs::path out = fs::temp_directory_path() / ("dbrx_eval_" + std::to_string(::getpid()) + ".json");
-    Run r = run_cli("eval --model " + model + " --cases " + model + "/reference.json --out " + out.string() + " " + extra);
+    CliRun r = run_cli("eval --model " + model + " --cases " + model + "/reference.json --out " + out.string() + " " + extra);
     EXPECT_EQ(r.exit_code, 0) << r.err;
     json j = r.exit_code == 0 ? json::parse(slurp(out)) : json::object();
     fs::remove(out);
@@ -122,7 +122,7 @@ TEST(CliEval, ConcurrencyPreemptionAndPrefixCacheDoNotChangeResults) {
         fs::path cases_file = fs::temp_directory_path() / ("dbrx_copies_" + std::to_string(::getpid()) + ".json");
         std::ofstream(cases_file) << copies.dump();
         fs::path out = fs::temp_directory_path() / ("dbrx_squeezed_" + std::to_string(::getpid()) + ".json");
-        Run r = run_cli("eval --model " + model + " --cases " + cases_file.string() + " --out " + out.string() +
+        CliRun r = run_cli("eval --model " + model + " --cases " + cases_file.string() + " --out " + out.string() +
                         " --concurrency 8 --kv-blocks 8");
         ASSERT_EQ(r.exit_code, 0) << r.err;
         json squeezed = json::parse(slurp(out));
@@ -144,7 +144,7 @@ TEST(CliGenerate, PrintsTheGreedyContinuation) {
     json c = reference(model)["cases"][2];
     std::string prompt;
     for (const auto &id : c["prompt_ids"]) prompt += (prompt.empty() ? "" : ",") + std::to_string(id.get<int>());
-    Run r = run_cli("generate --model " + model + " --prompt-ids " + prompt + " --max-tokens 3");
+    CliRun r = run_cli("generate --model " + model + " --prompt-ids " + prompt + " --max-tokens 3");
     ASSERT_EQ(r.exit_code, 0) << r.err;
     std::vector<int> ids;
     for (std::istringstream in(r.out); !in.eof();) {
@@ -173,7 +173,7 @@ TEST(CliErrors, OneLineOnStderrAndTheDocumentedExitCode) {
         {"frobnicate", 2, "unknown command"},
     };
     for (const auto &c : cases) {
-        Run r = run_cli(c.args);
+        CliRun r = run_cli(c.args);
         EXPECT_EQ(r.exit_code, c.code) << c.args << "\n" << r.err;
         EXPECT_NE(r.err.find(c.needle), std::string::npos) << c.args << "\n" << r.err;
         EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.args << "\n" << r.err;
