@@ -25,6 +25,7 @@ namespace {
 using testing::TempDir;
 
 struct Shape {
+    const char *name;
     int d, heads, kv_heads, layers, vocab, ffn, experts, top_k, max_seq;
     std::optional<double> clip, norm_p;
     double theta;
@@ -204,19 +205,19 @@ TEST_P(CpuBackendShapes, MatchesDoubleForwardWithChunksAndScatteredBlocks) {
         EXPECT_LE(diff, 1e-3) << "after " << pos + n << " tokens";
         worst = std::max(worst, diff);
     }
-    std::printf("[ shape d=%d heads=%d/%d top-%d of %d ] max |logit - double| %.3g\n", s.d, s.heads, s.kv_heads,
-                s.top_k, s.experts, worst);
+    std::printf("[ %s ] max |logit - double| %.3g\n", s.name, worst);
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Configs, CpuBackendShapes,
     ::testing::Values(
         // MHA, no clip, top-1, no normalisation, a head_dim that is not a multiple of the SIMD width.
-        Shape{24, 4, 4, 2, 37, 10, 3, 1, 64, std::nullopt, std::nullopt, 10000.0},
+        Shape{"MhaNoClipTop1", 24, 4, 4, 2, 37, 10, 3, 1, 64, std::nullopt, std::nullopt, 10000.0},
         // GQA 2:1 with an active clamp, top-3 of 5 with an L2 norm.
-        Shape{40, 4, 2, 3, 50, 12, 5, 3, 64, 0.5, 2.0, 500000.0},
+        Shape{"Gqa2ClampTop3L2", 40, 4, 2, 3, 50, 12, 5, 3, 64, 0.5, 2.0, 500000.0},
         // One KV head for eight query heads, every expert chosen, p = 0.5.
-        Shape{64, 8, 1, 1, 29, 8, 4, 4, 32, 3.0, 0.5, 1e6}));
+        Shape{"OneKvHeadAllExpertsHalfNorm", 64, 8, 1, 1, 29, 8, 4, 4, 32, 3.0, 0.5, 1e6}),
+    [](const auto &info) { return std::string(info.param.name); });
 
 class CpuBackendChecks : public ::testing::Test {
 protected:
