@@ -48,6 +48,9 @@ public:
 struct BackendOptions {
     int32_t n_threads = 0;  // CPU: 0 = hardware concurrency
     int32_t device_id = 0;  // CUDA
+    // Parallel layout (dist/shard_plan.h): tp x ep ranks; 1 x 1 = one unsharded backend.
+    int32_t tp = 1;
+    int32_t ep = 1;
 };
 
 // The checkpoint must outlive the backend (the CPU backend reads the mmapped weights in place).
