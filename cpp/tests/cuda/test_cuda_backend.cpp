@@ -1,0 +1,196 @@
+// The whole CUDA backend against the float64 reference fixtures (bf16 tolerances: max |last logit
+// - ref| <= 0.1, greedy ids equal wherever the reference margin > 0.2), and the properties the
+// engine relies on: chunked prefill, batching and the MoE path give the same logits.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <numeric>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/cuda/cuda_backend.h"
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+
+namespace dbrx::cuda::test {
+namespace {
+
+constexpr int32_t kBlockSize = 16;
+constexpr float kLogitTolerance = 0.1f;
+constexpr double kMarginFloor = 0.2;
+
+struct RefCase {
+    std::vector<int32_t> prompt, greedy;
+    std::vector<double> margins;
+};
+
+struct Fixture {
+    std::unique_ptr<Checkpoint> ckpt;
+    std::vector<RefCase> cases;
+    std::unique_ptr<SafetensorsFile> ref;
+    std::unique_ptr<Backend> backend;
+
+    explicit Fixture(const std::string &dir) {
+        ckpt = Checkpoint::open(dir);
+        std::ifstream in(dir + "/reference.json");
+        auto j = nlohmann::json::parse(in);
+        for (const auto &c : j.at("cases"))
+            cases.push_back({c.at("prompt_ids").get<std::vector<int32_t>>(),
+                             c.at("greedy_ids").get<std::vector<int32_t>>(),
+                             c.at("greedy_margins").get<std::vector<double>>()});
+        ref = std::make_unique<SafetensorsFile>(dir + "/reference.safetensors");
+        BackendOptions opt;
+        float last = -1.f;
+        backend = make_cuda_backend(*ckpt, opt, [](float p, void *u) {
+            auto *l = static_cast<float *>(u);
+            EXPECT_GE(p, *l) << "progress goes backwards";
+            *l = p;
+            return true;
+        }, &last);
+        EXPECT_FLOAT_EQ(last, 1.f) << "progress ends at 1";
+    }
+    int32_t vocab() const { return ckpt->config().vocab_size; }
+    std::vector<float> last_logits(size_t i) const {
+        const TensorInfo *t = ref->find("case" + std::to_string(i) + ".last_logits");
+        EXPECT_NE(t, nullptr);
+        std::vector<float> out(static_cast<size_t>(t->numel()));
+        std::memcpy(out.data(), ref->data(*t), out.size() * sizeof(float));
+        return out;
+    }
+};
+
+struct Seq {
+    std::vector<int32_t> blocks;
+    int32_t cached = 0;
+};
+
+Seq make_seq(int32_t first_block, int32_t n_blocks) {
+    Seq s;
+    s.blocks.resize(n_blocks);
+    std::iota(s.blocks.begin(), s.blocks.end(), first_block);
+    return s;
+}
+
+std::vector<float> feed(Backend &be, KvPool &pool, Seq &seq, const std::vector<int32_t> &tokens, size_t chunk,
+                        int32_t vocab) {
+    std::vector<float> logits(vocab);
+    if (chunk == 0) chunk = tokens.size();
+    for (size_t i = 0; i < tokens.size(); i += chunk) {
+        const size_t n = std::min(chunk, tokens.size() - i);
+        SeqStep step{std::span<const int32_t>(tokens.data() + i, n), seq.cached, seq.blocks, i + n == tokens.size()};
+        be.forward(pool, std::span<const SeqStep>(&step, 1), logits.data());
+        seq.cached += static_cast<int32_t>(n);
+    }
+    return logits;
+}
+
+double max_abs_diff(const std::vector<float> &a, const std::vector<float> &b) {
+    double m = 0;
+    for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+    return m;
+}
+
+int32_t argmax(const std::vector<float> &v) {
+    return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+class CudaConformance : public ::testing::TestWithParam<const char *> {};
+
+TEST_P(CudaConformance, LastLogitsAndGreedy) {
+    Fixture f(std::string(DBRX_SOURCE_DIR) + GetParam());
+    auto pool = f.backend->create_kv_pool(64, kBlockSize);
+    for (size_t ci = 0; ci < f.cases.size(); ++ci) {
+        const RefCase &c = f.cases[ci];
+        Seq seq = make_seq(0, 64);
+        auto logits = feed(*f.backend, *pool, seq, c.prompt, 0, f.vocab());
+        const double err = max_abs_diff(logits, f.last_logits(ci));
+        std::printf("%s case %zu (prompt %zu): max |last logit - ref| = %.4f\n", GetParam(), ci, c.prompt.size(), err);
+        EXPECT_LE(err, kLogitTolerance) << "case " << ci;
+        // Greedy, teacher-forced with the reference ids so every step is checked on its own.
+        int checked = 0;
+        for (size_t s = 0; s < c.greedy.size(); ++s) {
+            if (c.margins[s] > kMarginFloor) {
+                EXPECT_EQ(argmax(logits), c.greedy[s]) << "case " << ci << " greedy step " << s;
+                ++checked;
+            }
+            if (s + 1 < c.greedy.size()) logits = feed(*f.backend, *pool, seq, {c.greedy[s]}, 0, f.vocab());
+        }
+        std::printf("%s case %zu: %d of %zu greedy steps have margin > %.1f and were checked\n", GetParam(), ci,
+                    checked, c.greedy.size(), kMarginFloor);
+    }
+}
+
+TEST_P(CudaConformance, ChunkingBatchingAndMoePathAgree) {
+    Fixture f(std::string(DBRX_SOURCE_DIR) + GetParam());
+    auto *cuda = dynamic_cast<CudaBackend *>(f.backend.get());
+    ASSERT_NE(cuda, nullptr);
+    const int32_t V = f.vocab();
+    const int32_t per_seq = 16;
+    auto pool = f.backend->create_kv_pool(per_seq * static_cast<int32_t>(f.cases.size()) * 2, kBlockSize);
+    // One sequence at a time, prompts whole.
+    std::vector<std::vector<float>> alone;
+    for (size_t ci = 0; ci < f.cases.size(); ++ci) {
+        Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
+        alone.push_back(feed(*f.backend, *pool, s, f.cases[ci].prompt, 0, V));
+    }
+    // Chunks of 7 tokens.
+    for (size_t ci = 0; ci < f.cases.size(); ++ci) {
+        Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
+        auto got = feed(*f.backend, *pool, s, f.cases[ci].prompt, 7, V);
+        EXPECT_LE(max_abs_diff(got, alone[ci]), 2e-2) << "chunked prefill, case " << ci;
+    }
+    // All prompts in one batch, in the second half of the pool.
+    std::vector<Seq> seqs;
+    std::vector<SeqStep> steps;
+    for (size_t ci = 0; ci < f.cases.size(); ++ci)
+        seqs.push_back(make_seq(static_cast<int32_t>(f.cases.size() + ci) * per_seq, per_seq));
+    for (size_t ci = 0; ci < f.cases.size(); ++ci)
+        steps.push_back(SeqStep{f.cases[ci].prompt, 0, seqs[ci].blocks, true});
+    std::vector<float> batched(f.cases.size() * V);
+    f.backend->forward(*pool, steps, batched.data());
+    for (size_t ci = 0; ci < f.cases.size(); ++ci) {
+        std::vector<float> row(batched.begin() + ci * V, batched.begin() + (ci + 1) * V);
+        EXPECT_LE(max_abs_diff(row, alone[ci]), 2e-2) << "batched prefill, case " << ci;
+    }
+    // Decode of one token per sequence through both MoE paths.
+    std::vector<std::vector<float>> by_path;
+    for (MoePath p : {MoePath::Gemv, MoePath::Gemm}) {
+        cuda->set_moe_path(p);
+        std::vector<int32_t> tok(f.cases.size(), 1);
+        std::vector<SeqStep> dec;
+        for (size_t ci = 0; ci < f.cases.size(); ++ci)
+            dec.push_back(SeqStep{std::span<const int32_t>(&tok[ci], 1),
+                                  static_cast<int32_t>(f.cases[ci].prompt.size()), seqs[ci].blocks, true});
+        std::vector<float> out(f.cases.size() * V);
+        f.backend->forward(*pool, dec, out.data());
+        by_path.push_back(out);
+    }
+    cuda->set_moe_path(MoePath::Auto);
+    EXPECT_LE(max_abs_diff(by_path[0], by_path[1]), 2e-2) << "GEMV and GEMM MoE paths";
+}
+
+TEST(CudaBackendErrors, RejectsBadSteps) {
+    Fixture f(std::string(DBRX_SOURCE_DIR) + "/fixtures/tiny-dbrx");
+    auto pool = f.backend->create_kv_pool(4, kBlockSize);
+    std::vector<float> logits(f.vocab());
+    std::vector<int32_t> toks(20, 3), blocks{0};
+    SeqStep too_long{toks, 0, blocks, true};  // 20 tokens, one block of 16
+    EXPECT_THROW(f.backend->forward(*pool, std::span<const SeqStep>(&too_long, 1), logits.data()), Error);
+    std::vector<int32_t> bad_block{9}, one{1};
+    SeqStep outside{one, 0, bad_block, true};
+    EXPECT_THROW(f.backend->forward(*pool, std::span<const SeqStep>(&outside, 1), logits.data()), Error);
+    std::vector<int32_t> bad_tok{f.vocab()};
+    SeqStep vocab{bad_tok, 0, blocks, true};
+    EXPECT_THROW(f.backend->forward(*pool, std::span<const SeqStep>(&vocab, 1), logits.data()), Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaConformance,
+                         ::testing::Values("/fixtures/tiny-dbrx", "/models/tiny-dbrx-cl100k"),
+                         [](const auto &info) { return std::string(info.index == 0 ? "tiny" : "cl100k"); });
+
+}  // namespace
+}  // namespace dbrx::cuda::test
