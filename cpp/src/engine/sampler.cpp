@@ -97,45 +97,43 @@ void Sampler::apply_penalties(const dbrx_sampling_params &p, std::span<const int
 int32_t Sampler::draw(const dbrx_sampling_params &p, uint64_t seed, uint64_t index) {
     candidates_.clear();
     const float inv_t = 1.0f / p.temperature;
+    float top = -std::numeric_limits<float>::infinity();
     for (size_t i = 0; i < work_.size(); ++i) {
         float l = work_[i] * inv_t;
-        if (std::isfinite(l)) candidates_.push_back({l, static_cast<int32_t>(i)});
+        if (!std::isfinite(l)) continue;
+        candidates_.push_back({l, static_cast<int32_t>(i)});
+        top = std::max(top, l);
     }
     if (candidates_.empty()) fail(DBRX_ERR_INTERNAL, "sampler: no finite logit after temperature scaling");
-    auto order = [](const Candidate &a, const Candidate &b) { return before(a.logit, a.id, b.logit, b.id); };
-    size_t keep = candidates_.size();
-    if (p.top_k > 0 && static_cast<size_t>(p.top_k) < keep) {
-        keep = static_cast<size_t>(p.top_k);
-        std::nth_element(candidates_.begin(), candidates_.begin() + keep, candidates_.end(), order);
-        candidates_.resize(keep);
+    // min-p and top-k both keep a prefix of the descending order relative to the same maximum, so
+    // they commute; only top-p needs the survivors sorted. Without it the draw walks them in id
+    // order, which is just as deterministic and spares a sort of the whole vocabulary.
+    if (p.min_p > 0) {
+        const double log_min_p = std::log(static_cast<double>(p.min_p));
+        std::erase_if(candidates_, [&](const Candidate &c) { return static_cast<double>(c.logit) - top < log_min_p; });
     }
-    std::sort(candidates_.begin(), candidates_.end(), order);
+    auto order = [](const Candidate &a, const Candidate &b) { return before(a.logit, a.id, b.logit, b.id); };
+    if (p.top_k > 0 && static_cast<size_t>(p.top_k) < candidates_.size()) {
+        std::nth_element(candidates_.begin(), candidates_.begin() + p.top_k, candidates_.end(), order);
+        candidates_.resize(static_cast<size_t>(p.top_k));
+        std::sort(candidates_.begin(), candidates_.end(), order);
+    } else if (p.top_p < 1) {
+        std::sort(candidates_.begin(), candidates_.end(), order);
+    }
 
-    // Softmax in double over the survivors; min-p compares with the top probability, which the
-    // top-k cut does not change (both keep a prefix of the sorted order).
-    const double top = candidates_.front().logit;
-    std::vector<double> probs(candidates_.size());
+    probs_.resize(candidates_.size());
     double total = 0;
     for (size_t i = 0; i < candidates_.size(); ++i) {
-        probs[i] = std::exp(static_cast<double>(candidates_[i].logit) - top);
-        total += probs[i];
+        probs_[i] = std::exp(static_cast<double>(candidates_[i].logit) - top);
+        total += probs_[i];
     }
-    if (p.min_p > 0) {
-        const double threshold = p.min_p * probs[0];
-        size_t n = 1;
-        while (n < keep && probs[n] >= threshold) ++n;
-        keep = n;
-    }
-    if (keep < probs.size()) {
-        total = 0;
-        for (size_t i = 0; i < keep; ++i) total += probs[i];
-    }
+    size_t keep = candidates_.size();
     if (p.top_p < 1) {
         const double target = p.top_p * total;
         double cum = 0;
         size_t n = 0;
         while (n < keep) {
-            cum += probs[n++];
+            cum += probs_[n++];
             if (cum >= target) break;
         }
         keep = n;
@@ -144,7 +142,7 @@ int32_t Sampler::draw(const dbrx_sampling_params &p, uint64_t seed, uint64_t ind
     const double u = counter_uniform(seed, index) * total;
     double cum = 0;
     for (size_t i = 0; i < keep; ++i) {
-        cum += probs[i];
+        cum += probs_[i];
         if (u < cum) return candidates_[i].id;
     }
     return candidates_[keep - 1].id;  // u within rounding of the total

@@ -25,7 +25,7 @@ public:
     //  - repetition_penalty (vLLM): over prompt and output tokens, a positive logit is divided by it,
     //    a negative one multiplied;
     //  - frequency / presence penalties (OpenAI, vLLM): over output tokens, logit -= f * count + p;
-    //  - temperature 0: argmax (lowest id on ties); otherwise logits / T, then min-p, top-k, top-p,
+    //  - temperature 0: argmax (lowest id on ties); otherwise logits / T, then min-p, top-k, top-p
     //    and a draw with counter_uniform(seed, output.size()).
     // The reported logprob / top logprobs are log-softmax of the raw logits (vLLM's default).
     // Throws INTERNAL when no logit is finite.
@@ -44,6 +44,7 @@ private:
 
     std::vector<float> work_;             // penalised logits
     std::vector<Candidate> candidates_;
+    std::vector<double> probs_;
     std::vector<int32_t> out_counts_;     // per-vocab occurrences in the output
     std::vector<uint8_t> seen_;           // per-vocab: occurs in prompt or output
     std::vector<int32_t> touched_;        // ids whose counts_ are non-zero
