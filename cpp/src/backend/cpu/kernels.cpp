@@ -2,24 +2,95 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace dbrx::cpu {
 
-void bf16_to_f32(const bf16_t *src, float *dst, int64_t n) {
+
+namespace {
+
+// Eight floats as one value (GCC/Clang vector extension): element-wise arithmetic, so each lane is
+// exactly the scalar loop it replaces, on any instruction set the compiler targets.
+using f32x8 = float __attribute__((vector_size(32)));
+// Only inlined helpers take or return f32x8, so the non-AVX calling convention never matters.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+inline f32x8 load8(const float *p) {
+    f32x8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// The fixed tail of every dot product: lanes combined pairwise, then the leftover elements.
+inline float finish_dot(f32x8 acc, const float *x, const float *row, int64_t from, int64_t n) {
+    float lanes[8];
+    std::memcpy(lanes, &acc, sizeof lanes);
+    for (int width = 4; width >= 1; width /= 2)
+        for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+    float s = lanes[0];
+    for (int64_t t = from; t < n; ++t) s += x[t] * row[t];
+    return s;
+}
+
+inline int64_t whole8(int64_t n) { return n - n % 8; }
+
+// The hot loops get an AVX2 clone chosen at load time. AVX2 without FMA: element-wise vector
+// arithmetic rounds exactly like the SSE2 default (no fused multiply-add can be contracted in), so
+// the results are the same bits on every x86-64 machine.
+#define DBRX_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+
+// Four dot products of x with four rows, each exactly dot(x, row, n): same lanes, same tail.
+// Named accumulators keep them in registers.
+DBRX_CPU_CLONES void dot4(const float *x, const float *r0, const float *r1, const float *r2, const float *r3, int64_t n,
+          float *out) {
+    f32x8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    const int64_t m = whole8(n);
+    for (int64_t i = 0; i < m; i += 8) {
+        const f32x8 xv = load8(x + i);
+        a0 += xv * load8(r0 + i);
+        a1 += xv * load8(r1 + i);
+        a2 += xv * load8(r2 + i);
+        a3 += xv * load8(r3 + i);
+    }
+    out[0] = finish_dot(a0, x, r0, m, n);
+    out[1] = finish_dot(a1, x, r1, m, n);
+    out[2] = finish_dot(a2, x, r2, m, n);
+    out[3] = finish_dot(a3, x, r3, m, n);
+}
+
+constexpr int64_t kColTile = 64;
+
+// yt[c] = sum_{j<k} xt[j] * tile[j][c] for a full tile of kColTile columns (tile rows contiguous),
+// accumulated in registers, sequential in j.
+DBRX_CPU_CLONES void xw_tile(const float *xt, const float *tile, int64_t k, float *yt) {
+    f32x8 acc[kColTile / 8] = {};
+    for (int64_t j = 0; j < k; ++j) {
+        const f32x8 xv = f32x8{} + xt[j];
+        for (int v = 0; v < kColTile / 8; ++v) acc[v] += xv * load8(tile + j * kColTile + v * 8);
+    }
+    std::memcpy(yt, acc, sizeof acc);
+}
+
+// The same sums for a narrower last tile, one column at a time (same order, same bits).
+void xw_tile_narrow(const float *xt, const float *tile, int64_t k, int64_t width, float *yt) {
+    for (int64_t c = 0; c < width; ++c) {
+        float acc = 0;
+        for (int64_t j = 0; j < k; ++j) acc += xt[j] * tile[j * width + c];
+        yt[c] = acc;
+    }
+}
+
+}  // namespace
+
+DBRX_CPU_CLONES void bf16_to_f32(const bf16_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
-float dot(const float *a, const float *b, int64_t n) {
-    constexpr int kLanes = 16;  // independent lanes let the compiler vectorise without reassociating
-    float acc[kLanes] = {};
-    int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-        for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
-    for (int width = kLanes / 2; width >= 1; width /= 2)
-        for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
-    float s = acc[0];
-    for (; i < n; ++i) s += a[i] * b[i];
-    return s;
+DBRX_CPU_CLONES float dot(const float *a, const float *b, int64_t n) {
+    f32x8 acc = {};
+    const int64_t m = whole8(n);
+    for (int64_t i = 0; i < m; i += 8) acc += load8(a + i) * load8(b + i);
+    return finish_dot(acc, a, b, m, n);
 }
 
 void layernorm(const float *x, const bf16_t *w, float *y, int64_t n_tokens, int64_t d, ThreadPool &pool,
@@ -46,13 +117,24 @@ void layernorm(const float *x, const bf16_t *w, float *y, int64_t n_tokens, int6
 void gemm_xwt(const float *x, int64_t n_tokens, int64_t k, const bf16_t *w, int64_t n_out, float *y,
               ThreadPool &pool) {
     if (n_tokens <= 0) return;
+    constexpr int kTile = 4;  // weight rows per pass over the tokens: x is streamed once per tile
     // Enough rows per slice that a thread's share is worth waking it for.
-    int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * n_tokens));
+    int64_t grain = std::max<int64_t>(kTile, 16384 / std::max<int64_t>(1, k * n_tokens));
     pool.parallel_for(n_out, [&](int64_t n0, int64_t n1) {
-        std::vector<float> row(static_cast<size_t>(k));
-        for (int64_t n = n0; n < n1; ++n) {
-            bf16_to_f32(w + n * k, row.data(), k);
-            for (int64_t t = 0; t < n_tokens; ++t) y[t * n_out + n] = dot(x + t * k, row.data(), k);
+        std::vector<float> buf(static_cast<size_t>(kTile * k));
+        const float *r0 = buf.data(), *r1 = r0 + k, *r2 = r1 + k, *r3 = r2 + k;
+        int64_t n = n0;
+        for (; n + kTile <= n1; n += kTile) {
+            bf16_to_f32(w + n * k, buf.data(), kTile * k);
+            for (int64_t t = 0; t < n_tokens; ++t) {
+                float out[kTile];
+                dot4(x + t * k, r0, r1, r2, r3, k, out);
+                for (int r = 0; r < kTile; ++r) y[t * n_out + n + r] = out[r];
+            }
+        }
+        for (; n < n1; ++n) {
+            bf16_to_f32(w + n * k, buf.data(), k);
+            for (int64_t t = 0; t < n_tokens; ++t) y[t * n_out + n] = dot(x + t * k, buf.data(), k);
         }
     }, grain);
 }
@@ -60,19 +142,21 @@ void gemm_xwt(const float *x, int64_t n_tokens, int64_t k, const bf16_t *w, int6
 void gemm_xw(const float *x, int64_t n_tokens, int64_t k, const bf16_t *w, int64_t n_out, float *y,
              ThreadPool &pool) {
     if (n_tokens <= 0) return;
-    pool.parallel_for(n_out, [&](int64_t c0, int64_t c1) {
-        int64_t width = c1 - c0;
-        std::vector<float> seg(static_cast<size_t>(width));
-        for (int64_t t = 0; t < n_tokens; ++t) std::fill(y + t * n_out + c0, y + t * n_out + c1, 0.0f);
-        for (int64_t j = 0; j < k; ++j) {
-            bf16_to_f32(w + j * n_out + c0, seg.data(), width);
+    // Threads split the columns in tiles; a tile of W is converted once and serves every token.
+    const int64_t n_tiles = (n_out + kColTile - 1) / kColTile;
+    pool.parallel_for(n_tiles, [&](int64_t i0, int64_t i1) {
+        std::vector<float> tile(static_cast<size_t>(k * kColTile));
+        for (int64_t i = i0; i < i1; ++i) {
+            const int64_t c0 = i * kColTile, width = std::min(kColTile, n_out - c0);
+            for (int64_t j = 0; j < k; ++j) bf16_to_f32(w + j * n_out + c0, tile.data() + j * width, width);
             for (int64_t t = 0; t < n_tokens; ++t) {
-                float xv = x[t * k + j];
-                float *yt = y + t * n_out + c0;
-                for (int64_t c = 0; c < width; ++c) yt[c] += xv * seg[c];
+                if (width == kColTile)
+                    xw_tile(x + t * k, tile.data(), k, y + t * n_out + c0);
+                else
+                    xw_tile_narrow(x + t * k, tile.data(), k, width, y + t * n_out + c0);
             }
         }
-    }, 32);
+    });
 }
 
 void clamp(float *x, int64_t n, float limit) {

@@ -20,7 +20,7 @@ constexpr float kLayerNormEps = 1e-5f;
 // dst[i] = float(src[i]).
 void bf16_to_f32(const bf16_t *src, float *dst, int64_t n);
 
-// sum_i a[i] * b[i] with a fixed order: 16 interleaved partial sums over i, combined pairwise, then
+// sum_i a[i] * b[i] with a fixed order: 8 interleaved partial sums over i, combined pairwise, then
 // the tail. The one dot product every kernel uses.
 float dot(const float *a, const float *b, int64_t n);
 
