@@ -181,6 +181,17 @@ __global__ void fill_uniform_kernel(uint16_t *p, int64_t n, uint64_t seed, float
     }
 }
 
+__global__ void read_probe_kernel(const uint4 *p, int64_t n_vec, float *out) {
+    float acc = 0.f;
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n_vec;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+        const uint4 v = load_stream(p + i);
+        acc += bf16_lo(v.x) + bf16_hi(v.y) + bf16_lo(v.z) + bf16_hi(v.w);
+    }
+    acc = warp_sum(acc);
+    if (threadIdx.x % 32 == 0) atomicAdd(out + blockIdx.x, acc);
+}
+
 int grid_for(int64_t n, int threads) {
     const int64_t blocks = (n + threads - 1) / threads;
     return static_cast<int>(blocks < 132 * 32 ? (blocks < 1 ? 1 : blocks) : 132 * 32);
@@ -247,6 +258,16 @@ void moe_unpermute(const float *y, int32_t n_parts, int64_t part_stride, const i
     if (n_tokens == 0) return;
     unpermute_kernel<<<n_tokens, 256, 0, stream>>>(y, n_parts, part_stride, perm_row, weights, top_k, d, h);
     DBRX_CUDA_LAUNCH_CHECK();
+}
+
+int32_t read_probe(const bf16_t *p, int64_t n, float *out, cudaStream_t stream) {
+    int sms = 0, dev = 0;
+    DBRX_CUDA_CHECK(cudaGetDevice(&dev));
+    DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const int32_t blocks = sms * 8;
+    read_probe_kernel<<<blocks, 512, 0, stream>>>(reinterpret_cast<const uint4 *>(p), n / 8, out);
+    DBRX_CUDA_LAUNCH_CHECK();
+    return blocks;
 }
 
 void fill_uniform(bf16_t *p, int64_t n, uint64_t seed, float mean, float half_range, cudaStream_t stream) {

@@ -90,6 +90,10 @@ void moe_down_gemv(const bf16_t *g, const bf16_t *w2, const int32_t *offsets, co
                    int32_t max_active, int32_t max_rows, int32_t n_rows, int32_t d, int32_t ffn, float *y,
                    cudaStream_t stream);
 
+// Bandwidth probe for benchmarks: reads n bf16 values (n % 8 == 0, 16-byte aligned) once and
+// writes one float per block to out[gridDim] so the reads cannot be elided. Returns the block count.
+int32_t read_probe(const bf16_t *p, int64_t n, float *out, cudaStream_t stream);
+
 // Deterministic pseudo-random bf16 fill: uniform in [mean - half_range, mean + half_range].
 void fill_uniform(bf16_t *p, int64_t n, uint64_t seed, float mean, float half_range, cudaStream_t stream);
 

@@ -1,0 +1,43 @@
+// Pieces of `dbrx bench --synthetic` (bench_cuda*.cpp): timing, the hardware ceilings measured
+// in the same run, and the rows of the result table.
+#pragma once
+
+#ifdef DBRX_WITH_CUDA
+
+#include <cuda_runtime.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace dbrx::cli::bench {
+
+// Mean milliseconds of fn() over `iters` runs after `warmup` runs, timed with CUDA events on `stream`
+// (fn may synchronise internally; the events then still bracket it).
+double time_ms(cudaStream_t stream, int warmup, int iters, const std::function<void()> &fn);
+
+struct Ceilings {
+    double read_bytes_per_s = 0;  // HBM read, measured with a streaming kernel over 4 GiB
+    double gemm_flops_per_s = 0;  // cuBLAS bf16 GEMM 8192^3, fp32 accumulate
+};
+Ceilings measure_ceilings(cudaStream_t stream);
+
+// One line of the table: our time against the hardware floor of the same work.
+struct Row {
+    std::string name;
+    double ours_ms = 0;
+    double floor_ms = 0;
+    std::string basis;  // what the floor counts: "bytes 1.58 GB" or "FLOPs 2.1 T"
+    std::string extra;  // e.g. the achieved TFLOP/s or TB/s
+};
+double floor_ms(double bytes, double flops, const Ceilings &c);
+std::string bytes_flops_basis(double bytes, double flops, const Ceilings &c);
+
+// Kernel-level figures: MoE layer, attention prefill and decode (bench_cuda_kernels.cpp).
+void bench_kernels(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows);
+// End-to-end figures through the CUDA backend on a synthetic model (bench_cuda_e2e.cpp).
+void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector<Row> &rows);
+
+}  // namespace dbrx::cli::bench
+
+#endif

@@ -1,0 +1,110 @@
+// End-to-end figures of `dbrx bench --synthetic dbrx`: decode steps and a prefill through the CUDA
+// backend (Backend::forward, logits copied to the host) on a synthetic full-width model.
+#ifdef DBRX_WITH_CUDA
+
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+
+#include "backend/cuda/cuda_backend.h"
+#include "bench_cuda.h"
+
+namespace dbrx::cli::bench {
+namespace {
+
+using namespace dbrx::cuda;
+
+struct Sequences {
+    std::vector<std::vector<int32_t>> blocks;
+    std::vector<int32_t> len;
+};
+
+// Weight bytes a decode step must read with `experts` experts active per layer, plus the KV cache.
+double decode_bytes(const ModelConfig &c, double experts, double batch, double ctx) {
+    const double d = c.d_model, F = c.ffn_hidden;
+    const double attn = (static_cast<double>(c.qkv_rows()) * d + d * d + c.n_experts * d + 2 * d) * 2;
+    const double kv = batch * ctx * c.n_kv_heads * c.head_dim * 2 * 2;
+    return c.n_layers * (attn + experts * 3 * F * d * 2 + kv) + static_cast<double>(c.vocab_size) * d * 2;
+}
+
+// FLOPs of a prefill of T tokens from position 0 (logits of the last token only).
+double prefill_flops(const ModelConfig &c, double T) {
+    const double d = c.d_model, F = c.ffn_hidden;
+    const double per_token = 2 * (static_cast<double>(c.qkv_rows()) * d + d * d + c.n_experts * d +
+                                  c.top_k * 3 * F * d);
+    const double attn = 4.0 * c.head_dim * c.n_heads * T * (T + 1) / 2;
+    return c.n_layers * (per_token * T + attn) + 2.0 * c.vocab_size * d;
+}
+
+}  // namespace
+
+void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector<Row> &rows) {
+    std::printf("generating a synthetic DBRX model with %d layers on the GPU...\n", layers);
+    std::fflush(stdout);
+    auto be = make_cuda_backend_from(synthetic_model(dbrx_config(layers), 42), 0);
+    const ModelConfig &cfg = be->model().config;
+    std::printf("weights: %.2f GiB of device memory\n", be->model().bytes / double(1 << 30));
+    const int32_t bs = 16, ctx0 = 1024, steps = quick ? 5 : 20, max_batch = 64;
+    const int32_t per_seq = (ctx0 + steps + 8 + bs - 1) / bs + 1;
+    auto pool = be->create_kv_pool(per_seq * max_batch, bs);
+    std::mt19937 rng(3);
+    std::uniform_int_distribution<int32_t> tok(0, cfg.vocab_size - 1);
+    std::vector<float> logits(static_cast<size_t>(max_batch) * cfg.vocab_size);
+    cudaStream_t s = be->stream();
+
+    // Prefill: one sequence of 2048 tokens (chunk sizes the engine would use for a long prompt).
+    {
+        const int32_t T = quick ? 512 : 2048;
+        std::vector<int32_t> prompt(T), blocks((T + bs - 1) / bs);
+        for (auto &t : prompt) t = tok(rng);
+        std::iota(blocks.begin(), blocks.end(), 0);
+        SeqStep step{prompt, 0, blocks, true};
+        const double ms = time_ms(s, 1, 3, [&] { be->forward(*pool, std::span<const SeqStep>(&step, 1), logits.data()); });
+        const double flops = prefill_flops(cfg, T);
+        char name[64], extra[64];
+        std::snprintf(name, sizeof name, "prefill %d tokens, %d layers", T, layers);
+        std::snprintf(extra, sizeof extra, "%.1f TFLOP/s", flops / (ms * 1e-3) / 1e12);
+        rows.push_back({name, ms, floor_ms(0, flops, c), bytes_flops_basis(0, flops, c), extra});
+        std::printf("%-44s %.4f ms\n", name, ms);
+    }
+    // Decode at several batch sizes after a 1024-token prefill of each sequence.
+    for (int32_t B : {1, 8, 64}) {
+        std::vector<std::vector<int32_t>> tables(B), prompts(B);
+        for (int32_t b = 0; b < B; ++b) {
+            tables[b].resize(per_seq);
+            std::iota(tables[b].begin(), tables[b].end(), b * per_seq);
+            prompts[b].resize(ctx0);
+            for (auto &t : prompts[b]) t = tok(rng);
+        }
+        std::vector<SeqStep> pre(B);
+        for (int32_t b = 0; b < B; ++b) pre[b] = SeqStep{prompts[b], 0, tables[b], false};
+        for (int32_t b = 0; b < B; b += 8)  // prefill in groups of 8 to bound activation memory
+            be->forward(*pool, std::span<const SeqStep>(pre.data() + b, std::min(8, B - b)), logits.data());
+        std::vector<int32_t> next(B);
+        int32_t pos = ctx0;
+        auto step = [&] {
+            std::vector<SeqStep> dec(B);
+            for (int32_t b = 0; b < B; ++b) {
+                next[b] = tok(rng);
+                dec[b] = SeqStep{std::span<const int32_t>(&next[b], 1), pos, tables[b], true};
+            }
+            be->forward(*pool, dec, logits.data());
+            ++pos;
+        };
+        const double ms = time_ms(s, 2, steps, step);
+        // Experts a batch touches per layer: all 4 at B=1, the expected distinct count above.
+        const double experts = cfg.n_experts * (1 - std::pow(1.0 - double(cfg.top_k) / cfg.n_experts, B));
+        const double bytes = decode_bytes(cfg, experts, B, ctx0 + steps / 2.0);
+        char name[64], extra[64];
+        std::snprintf(name, sizeof name, "decode step B=%d ctx=%d, %d layers", B, ctx0, layers);
+        std::snprintf(extra, sizeof extra, "%.2f TB/s, %.0f tok/s", bytes / (ms * 1e-3) / 1e12, B / (ms * 1e-3));
+        rows.push_back({name, ms, floor_ms(bytes, 0, c), bytes_flops_basis(bytes, 0, c), extra});
+        std::printf("%-44s %.4f ms\n", name, ms);
+        std::fflush(stdout);
+    }
+}
+
+}  // namespace dbrx::cli::bench
+
+#endif
