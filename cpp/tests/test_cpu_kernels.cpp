@@ -71,6 +71,23 @@ TEST(CpuKernels, DotMatchesDouble) {
     }
 }
 
+// The exact order documented in kernels.h (8 lanes, pairwise combination, tail), emulated in scalar
+// fp32: whichever clone (SSE2 or AVX2) runs here must give these bits, which other backends can mirror.
+TEST(CpuKernels, DotFollowsTheDocumentedOrderBitwise) {
+    for (int64_t n : {0, 5, 8, 64, 131, 256}) {
+        auto a = random_floats(n, 20), b = random_floats(n, 21);
+        float lanes[8] = {};
+        int64_t whole = n - n % 8;
+        for (int64_t i = 0; i < whole; ++i) lanes[i % 8] += a[i] * b[i];
+        for (int width = 4; width >= 1; width /= 2)
+            for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
+        float expect = lanes[0];
+        for (int64_t i = whole; i < n; ++i) expect += a[i] * b[i];
+        float got = dot(a.data(), b.data(), n);
+        EXPECT_EQ(0, std::memcmp(&got, &expect, sizeof got)) << n << ": " << got << " vs " << expect;
+    }
+}
+
 TEST(CpuKernels, LayerNormMatchesDouble) {
     ThreadPool pool(2);
     const int64_t t = 3, d = 37;
