@@ -42,6 +42,8 @@ public:
     // Writes the new tokens' K/V into the pool, then writes one row of [vocab] logits per step with
     // want_logits into `logits`, in batch order. The result for a sequence never depends on what
     // else is in the batch. Serialised internally: callers on several threads take turns.
+    // A thrown dbrx::Error fails the requests of this batch only, unless its status is
+    // DBRX_ERR_ENGINE_DEAD (device state lost, e.g. a sticky CUDA error): then the engine stops.
     virtual void forward(KvPool &pool, std::span<const SeqStep> batch, float *logits) = 0;
 };
 
@@ -54,6 +56,8 @@ struct BackendOptions {
 };
 
 // The checkpoint must outlive the backend (the CPU backend reads the mmapped weights in place).
+// CPU: fp32 arithmetic (kernels in backend/cpu/kernels.h); kv_memory_available() is a fixed 2 GiB of
+// host RAM; logits are bitwise independent of batch, chunking, block placement and thread count.
 std::unique_ptr<Backend> make_cpu_backend(const Checkpoint &ckpt, const BackendOptions &options);
 // Throws DBRX_ERR_UNSUPPORTED when the build has no CUDA backend or no device is visible.
 std::unique_ptr<Backend> make_cuda_backend(const Checkpoint &ckpt, const BackendOptions &options,
