@@ -47,9 +47,10 @@ void bench_moe(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<R
         const double bytes = active * 3.0 * F * d * 2 + E * d * 2.0 + T * d * (2.0 + 8.0);
         const double flops = 2.0 * T * k * 3 * d * F + 2.0 * T * E * d;
         char name[64];
-        std::snprintf(name, sizeof name, "MoE layer T=%d (%d experts active)", T, active);
+        std::snprintf(name, sizeof name, "MoE layer T=%d", T);
         rows.push_back({name, ms, floor_ms(bytes, flops, c), bytes_flops_basis(bytes, flops, c),
-                        rate(flops / (ms * 1e-3) / 1e12, "TFLOP/s") + ", " + rate(bytes / (ms * 1e-3) / 1e12, "TB/s")});
+                        std::to_string(active) + " experts, " + rate(flops / (ms * 1e-3) / 1e12, "TFLOP/s") + ", " +
+                            rate(bytes / (ms * 1e-3) / 1e12, "TB/s")});
         std::printf("%-44s %.4f ms\n", name, ms);
         std::fflush(stdout);
     }

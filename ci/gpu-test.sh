@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU run, on a machine with an NVIDIA GPU (CI has none): builds the CUDA backend, runs the
+# CUDA tests (kernels vs the CPU reference kernels, conformance on both fixtures), the synthetic
+# full-width benchmarks and, in the same run, the PyTorch peers, and ends with one table
+# ours / floor / peer.
+#   ci/gpu-test.sh [--stages build,tests,bench,peers] [--layers N] [--quick] [--budget SECONDS]
+# Logs and results go to $OUT (default ./gpu-out): build.log, cuda-tests.log, bench.log, bench.json,
+# peers.log, peers.json, table.md. Each stage gets what is left of --budget (default 570 s), so a
+# slow stage cannot eat the whole run. Needs .deps (ci/deps.sh --vendor) where the machine lacks
+# nlohmann-json and GoogleTest.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+stages="build,tests,bench,peers"
+layers=2
+quick=""
+budget=570
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --stages) stages="$2"; shift 2 ;;
+    --layers) layers="$2"; shift 2 ;;
+    --quick) quick="--quick"; shift ;;
+    --budget) budget="$2"; shift 2 ;;
+    *) echo "gpu-test.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+out="${OUT:-$root/gpu-out}"
+mkdir -p "$out"
+deadline=$(( $(date +%s) + budget ))
+left() { echo $(( deadline - $(date +%s) )); }
+has() { case ",$stages," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+status=0
+step() {  # step NAME LOG COMMAND...: runs under the remaining budget, tees the log
+  local name="$1" log="$2"; shift 2
+  local t=$(left)
+  if [ "$t" -le 10 ]; then echo "== $name: skipped, budget spent" | tee -a "$out/summary.txt"; status=1; return 1; fi
+  echo "== $name (up to ${t}s)"
+  local t0=$(date +%s)
+  timeout --kill-after=5 "$t" "$@" > >(tee "$out/$log") 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$out/summary.txt"
+  [ $rc -ne 0 ] && status=1
+  return $rc
+}
+
+. ci/cuda-env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+jobs=$(nproc)
+build=build-gpu
+if has build; then
+  cmake -S . -B $build -G Ninja -DDBRX_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >"$out/configure.log" 2>&1 \
+    || { tail -30 "$out/configure.log"; exit 1; }
+  step build build.log cmake --build $build -j"$jobs" --target dbrx_cuda_tests dbrx_cli || exit 1
+fi
+if has tests; then
+  step tests cuda-tests.log $build/bin/dbrx_cuda_tests --gtest_color=no
+fi
+if has bench; then
+  step bench bench.log $build/bin/dbrx bench --synthetic dbrx --layers "$layers" $quick --json "$out/bench.json"
+fi
+if has peers; then
+  export PYTHONUNBUFFERED=1
+  step peers peers.log python3 ci/peers/peers.py --json "$out/peers.json" --layers "$layers" $quick
+fi
+if [ -f "$out/bench.json" ]; then
+  python3 ci/peers/table.py "$out/bench.json" "$out/peers.json" 2>/dev/null >"$out/table.md" \
+    || python3 ci/peers/table.py "$out/bench.json" >"$out/table.md"
+  cat "$out/table.md"
+fi
+cat "$out/summary.txt"
+exit $status
