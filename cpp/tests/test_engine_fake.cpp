@@ -305,5 +305,47 @@ TEST_F(EngineFake, ForwardFailureFailsOnlyItsBatchAndTheEngineGoesOn) {
     EXPECT_EQ(stats_of(e.get()).blocks_used, 0);
 }
 
+TEST_F(EngineFake, DeviceLossStopsTheEngine) {
+    backend_->fatal_token = 62;
+    backend_->step_delay_us = 500;
+    EnginePtr e = make_engine(model_.get(), params(64));
+    auto p = make_prompt(10, 8);
+    std::replace(p.begin(), p.end(), 62, 61);
+    uint64_t victim = submit_ok(e.get(), p, greedy(400));
+    dbrx_token tok[1];
+    int32_t n = 0;
+    dbrx_finish_reason f;
+    ASSERT_EQ(dbrx_engine_poll(e.get(), victim, 10000, tok, 1, &n, &f), DBRX_OK);
+    uint64_t fatal = submit_ok(e.get(), {1, 62}, greedy(3));
+    Outcome of = drain(e.get(), fatal, kVocab, false);
+    EXPECT_EQ(of.finish, DBRX_FINISH_ERROR);
+    EXPECT_NE(of.error.find("device loss"), std::string::npos) << of.error;
+    Outcome ov = drain(e.get(), victim, kVocab, false);
+    EXPECT_EQ(ov.finish, DBRX_FINISH_ERROR);
+    uint64_t id = 0;
+    dbrx_sampling_params s = greedy(3);
+    EXPECT_EQ(dbrx_engine_submit(e.get(), p.data(), static_cast<int32_t>(p.size()), &s, &id), DBRX_ERR_ENGINE_DEAD);
+    EXPECT_NE(std::string(dbrx_last_error()).find("device loss"), std::string::npos);
+    EXPECT_EQ(dbrx_engine_get_stats(e.get(), nullptr), DBRX_ERR_INVALID_ARGUMENT);
+    stats_of(e.get());
+}
+
+TEST_F(EngineFake, StatsCountStepsTokensAndRate) {
+    EnginePtr e = make_engine(model_.get(), params(64));
+    auto got = run_together(e.get(), {make_prompt(20, 1), make_prompt(3, 2)}, {greedy(10), greedy(10)}, kVocab);
+    dbrx_engine_stats st = stats_of(e.get());
+    EXPECT_EQ(st.generated_tokens, 20);
+    EXPECT_EQ(st.finished_requests, 2);
+    EXPECT_EQ(st.prompt_tokens, 23);
+    EXPECT_EQ(st.prefix_query_tokens, 23);
+    EXPECT_GE(st.steps, 10);
+    EXPECT_GT(st.tokens_per_second, 0.0);
+    EXPECT_EQ(st.block_size, 16);
+    EXPECT_EQ(st.blocks_total, 64);
+    EXPECT_EQ(st.kv_capacity_tokens, 64 * 16);
+    EXPECT_EQ(st.blocks_cached, 1);  // the 20-token prompt's first block
+    EXPECT_EQ(st.blocks_free, 63);
+}
+
 }  // namespace
 }  // namespace dbrx::testing

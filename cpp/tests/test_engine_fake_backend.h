@@ -102,6 +102,7 @@ public:
         for (const SeqStep &s : batch) {
             for (size_t i = 0; i < s.tokens.size(); ++i) {
                 if (fail_token && s.tokens[i] == *fail_token) fail(DBRX_ERR_INTERNAL, "fake backend: injected failure");
+                if (fatal_token && s.tokens[i] == *fatal_token) fail(DBRX_ERR_ENGINE_DEAD, "fake backend: injected device loss");
                 const int32_t p = s.pos0 + static_cast<int32_t>(i);
                 const uint64_t previous = p == 0 ? 0 : pool.slot(s.blocks, p - 1);
                 if (p > 0 && previous == 0) fail(DBRX_ERR_INTERNAL, "fake backend: KV of position " + std::to_string(p - 1) + " was never written");
@@ -119,6 +120,7 @@ public:
 
     std::atomic<int64_t> forwards{0};
     std::optional<int32_t> fail_token;  // set before submitting
+    std::optional<int32_t> fatal_token; // throws ENGINE_DEAD
     std::optional<int32_t> nan_token;   // a sequence of <= 3 tokens ending in it gets all-NaN logits
     std::atomic<int32_t> step_delay_us{0};  // makes steps slow enough to cancel mid-request
 

@@ -236,9 +236,13 @@ bool Engine::step(std::unique_lock<std::mutex> &lock) {
     // The batch's requests, token vectors and block tables are only changed by this thread, so
     // the backend may read them without the lock while callers poll, submit and cancel.
     std::string failure;
+    bool fatal = false;
     lock.unlock();
     try {
         backend_.forward(*pool_, steps, logits_.data());
+    } catch (const Error &e) {
+        failure = e.what();
+        fatal = e.status() == DBRX_ERR_ENGINE_DEAD;
     } catch (const std::exception &e) {
         failure = e.what();
     } catch (...) {
@@ -246,6 +250,12 @@ bool Engine::step(std::unique_lock<std::mutex> &lock) {
     }
     lock.lock();
     ++steps_;
+    if (fatal) {
+        // The backend says its device state is lost (e.g. a sticky CUDA error): stop serving.
+        die("backend " + backend_.name() + ": " + failure);
+        stopping_ = true;
+        return true;
+    }
     if (!failure.empty()) {
         for (const auto &s : batch) {
             scheduler_.remove(*s.request);
