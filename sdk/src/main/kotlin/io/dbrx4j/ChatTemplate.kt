@@ -4,6 +4,7 @@ import com.fasterxml.jackson.databind.JsonNode
 import com.fasterxml.jackson.databind.ObjectMapper
 import com.hubspot.jinjava.JinjavaConfig
 import com.hubspot.jinjava.LegacyOverrides
+import com.hubspot.jinjava.el.JinjavaNodePreProcessor
 import com.hubspot.jinjava.interpret.Context
 import com.hubspot.jinjava.interpret.JinjavaInterpreter
 import com.hubspot.jinjava.interpret.TemplateError
@@ -56,7 +57,9 @@ class ChatTemplate private constructor(
     }
 
     private fun renderNow(bindings: Map<String, Any?>): String {
+        RAISED.remove()
         val result = JINJAVA.renderForResult(source, bindings)
+        RAISED.get()?.let { RAISED.remove(); throw DbrxTemplateException("chat template rejected the messages: $it") }
         val fatal = result.errors.firstOrNull { it.severity == TemplateError.ErrorType.FATAL }
         if (fatal != null) {
             throw DbrxTemplateException("chat template: ${fatal.message}" + (fatal.lineno.takeIf { it > 0 }?.let { " (line $it)" } ?: ""))
@@ -67,9 +70,15 @@ class ChatTemplate private constructor(
     companion object {
         private const val MAX_OUTPUT = 16L shl 20
 
+        /** The message of raise_exception on the rendering thread (Jinjava swallows the exception itself). */
+        private val RAISED = ThreadLocal<String>()
+
         /** HF templates call raise_exception(msg) to reject a conversation. */
         @JvmStatic
-        fun raiseException(message: String): Any = throw DbrxTemplateException("chat template rejected the messages: $message")
+        fun raiseException(message: String): Any {
+            RAISED.set(message)
+            throw DbrxTemplateException("chat template rejected the messages: $message")
+        }
 
         private val JINJAVA = Jinja2Jinjava(
             JinjavaConfig.newBuilder()
@@ -94,6 +103,8 @@ class ChatTemplate private constructor(
                 .withMaxListSize(100_000)
                 .withMaxMapSize(100_000)
                 .withNestedInterpretationEnabled(false)
+                // checks Thread.interrupted() before every node: a timed-out render stops when cancelled
+                .withNodePreProcessor(JinjavaNodePreProcessor())
                 .build(),
         ).apply {
             resourceLocator = NoFiles
