@@ -12,10 +12,10 @@ namespace dbrx {
 namespace {
 
 using nlohmann::json;
-using testing::expect_error;
-using testing::make_safetensors;
-using testing::TempDir;
-using testing::TestTensor;
+using iotest::expect_error;
+using iotest::make_safetensors;
+using iotest::TempDir;
+using iotest::TestTensor;
 
 // d_model 4, 2 heads (head_dim 2), 1 kv head -> Wqkv rows 8; 2 experts of ffn 3 -> 6 expert rows.
 const char *kConfig = R"({"d_model": 4, "n_heads": 2, "n_layers": 2, "max_seq_len": 16, "vocab_size": 8,
@@ -51,10 +51,10 @@ TestTensor &find(std::vector<TestTensor> &ts, const std::string &name) {
 
 class CheckpointTest : public ::testing::Test {
 protected:
-    void SetUp() override { testing::write_file(dir_.file("config.json"), kConfig); }
+    void SetUp() override { iotest::write_file(dir_.file("config.json"), kConfig); }
 
     void write_single(const std::vector<TestTensor> &ts) {
-        testing::write_file(dir_.file("model.safetensors"), make_safetensors(ts));
+        iotest::write_file(dir_.file("model.safetensors"), make_safetensors(ts));
     }
     // Writes shard files a.safetensors, b.safetensors, ... and an index; `weight_map` overrides
     // the derived tensor -> shard map when given.
@@ -62,11 +62,11 @@ protected:
         json derived = json::object();
         for (size_t s = 0; s < shards.size(); ++s) {
             const std::string name = std::string(1, static_cast<char>('a' + s)) + ".safetensors";
-            testing::write_file(dir_.file(name), make_safetensors(shards[s]));
+            iotest::write_file(dir_.file(name), make_safetensors(shards[s]));
             for (const auto &t : shards[s]) derived[t.name] = name;
         }
         json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", weight_map.is_null() ? derived : weight_map}};
-        testing::write_file(dir_.file("model.safetensors.index.json"), index.dump());
+        iotest::write_file(dir_.file("model.safetensors.index.json"), index.dump());
     }
     void expect_bad(const std::string &needle, dbrx_status status = DBRX_ERR_BAD_CHECKPOINT) {
         expect_error([&] { Checkpoint::open(dir_.str()); }, status, needle);
@@ -164,7 +164,7 @@ TEST_F(CheckpointTest, MisalignedData) {
         bytes.insert(8 + n, " ");
         bytes[0] = static_cast<char>(bytes[0] + 1);  // n is small: no carry out of byte 0 when n is even
     }
-    testing::write_file(dir_.file("model.safetensors"), bytes);
+    iotest::write_file(dir_.file("model.safetensors"), bytes);
     expect_bad("transformer.wte.weight: data is not 2-byte aligned");
 }
 
@@ -219,12 +219,23 @@ TEST_F(CheckpointTest, IndexProblems) {
     write_sharded({ts}, wm);
     expect_bad("c.safetensors: cannot open", DBRX_ERR_IO);
 
-    testing::write_file(dir_.file("model.safetensors.index.json"), R"({"metadata": {}})");
+    iotest::write_file(dir_.file("model.safetensors.index.json"), R"({"metadata": {}})");
     expect_bad("model.safetensors.index.json: weight_map: missing or not an object");
-    testing::write_file(dir_.file("model.safetensors.index.json"), R"({"weight_map": {"lm_head.weight": 3}})");
+    iotest::write_file(dir_.file("model.safetensors.index.json"), R"({"weight_map": {"lm_head.weight": 3}})");
     expect_bad("lm_head.weight: shard name must be a string");
-    testing::write_file(dir_.file("model.safetensors.index.json"), R"({"weight_map": {}})");
+    iotest::write_file(dir_.file("model.safetensors.index.json"), R"({"weight_map": {}})");
     expect_bad("weight_map: is empty");
+}
+
+TEST_F(CheckpointTest, NonFiniteNormOrRouter) {
+    auto ts = tiny_tensors();
+    find(ts, "transformer.blocks.1.norm_attn_norm.norm_2.weight").fill = 0xff;  // 0xffff: a NaN
+    write_single(ts);
+    expect_bad("transformer.blocks.1.norm_attn_norm.norm_2.weight: holds a non-finite value at element 0");
+    ts = tiny_tensors();
+    find(ts, "transformer.blocks.0.ffn.router.layer.weight").fill = 0x7f;  // 0x7f7f: finite, the largest exponent below Inf
+    write_single(ts);
+    EXPECT_NO_THROW(Checkpoint::open(dir_.str()));
 }
 
 TEST_F(CheckpointTest, NoWeightFiles) { expect_bad("no model.safetensors or model.safetensors.index.json", DBRX_ERR_IO); }
@@ -233,7 +244,7 @@ TEST_F(CheckpointTest, ConfigErrorsComeFirst) {
     write_single(tiny_tensors());
     json config = json::parse(kConfig);
     config["tie_word_embeddings"] = true;
-    testing::write_file(dir_.file("config.json"), config.dump());
+    iotest::write_file(dir_.file("config.json"), config.dump());
     expect_bad("config.json: tie_word_embeddings: tied embeddings are not supported", DBRX_ERR_UNSUPPORTED);
 }
 

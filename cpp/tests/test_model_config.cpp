@@ -10,7 +10,7 @@ namespace dbrx {
 namespace {
 
 using nlohmann::json;
-using testing::expect_error;
+using iotest::expect_error;
 
 // dbrx-instruct's config.json as published (research/dbrx.md §1.1), junk keys included.
 json instruct_config() {
@@ -171,13 +171,13 @@ TEST(ModelConfig, MalformedJson) {
 }
 
 TEST(ModelConfig, LoadFromDirectory) {
-    testing::TempDir dir;
+    iotest::TempDir dir;
     expect_error([&] { load_model_config(dir.str()); }, DBRX_ERR_IO, "config.json: cannot open");
-    testing::write_file(dir.file("config.json"), instruct_config().dump());
+    iotest::write_file(dir.file("config.json"), instruct_config().dump());
     EXPECT_TRUE(load_model_config(dir.str()).eos_ids.empty());  // generation_config.json is optional
-    testing::write_file(dir.file("generation_config.json"), kInstructGeneration);
+    iotest::write_file(dir.file("generation_config.json"), kInstructGeneration);
     EXPECT_EQ(load_model_config(dir.str()).eos_ids.size(), 2u);
-    testing::write_file(dir.file("generation_config.json"), "");
+    iotest::write_file(dir.file("generation_config.json"), "");
     expect_error([&] { load_model_config(dir.str()); }, DBRX_ERR_BAD_CHECKPOINT, "generation_config.json: empty file");
 }
 

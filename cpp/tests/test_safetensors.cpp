@@ -11,18 +11,18 @@
 namespace dbrx {
 namespace {
 
-using testing::expect_error;
-using testing::make_safetensors;
-using testing::raw_safetensors;
-using testing::TempDir;
-using testing::TestTensor;
+using iotest::expect_error;
+using iotest::make_safetensors;
+using iotest::raw_safetensors;
+using iotest::TempDir;
+using iotest::TestTensor;
 
 class SafetensorsReject : public ::testing::Test {
 protected:
     // Writes `bytes` to a file and expects opening it to fail with BAD_CHECKPOINT and `needle`.
     void expect_bad(const std::string &bytes, const std::string &needle) {
         const std::string path = dir_.file("bad.safetensors");
-        testing::write_file(path, bytes);
+        iotest::write_file(path, bytes);
         expect_error([&] { SafetensorsFile f(path); }, DBRX_ERR_BAD_CHECKPOINT, needle);
     }
     // A header with one U8 tensor "t" of `n` bytes whose entry is `entry`, data of `n` bytes.
@@ -180,7 +180,7 @@ TEST_F(SafetensorsReject, DataPastEndOfFile) {
 
 TEST_F(SafetensorsReject, MessageStartsWithFileName) {
     const std::string path = dir_.file("named.safetensors");
-    testing::write_file(path, "abc");
+    iotest::write_file(path, "abc");
     expect_error([&] { SafetensorsFile f(path); }, DBRX_ERR_BAD_CHECKPOINT, path + ": header: ");
 }
 
@@ -198,7 +198,7 @@ TEST(SafetensorsAccept, TensorsMetadataAndSorting) {
     TempDir dir;
     // Written in offset order z, a, m; the JSON header lists them by name.
     const std::string path = dir.file("ok.safetensors");
-    testing::write_file(path, make_safetensors({{"z", {2, 3}, "BF16", 0x11}, {"a", {}, "F32", 0x22}, {"m", {0, 5}, "I64"}},
+    iotest::write_file(path, make_safetensors({{"z", {2, 3}, "BF16", 0x11}, {"a", {}, "F32", 0x22}, {"m", {0, 5}, "I64"}},
                                                {{"format", "pt"}}));
     SafetensorsFile f(path);
     ASSERT_EQ(f.tensors().size(), 3u);
@@ -253,7 +253,7 @@ TEST(SafetensorsAccept, TensorsBeyond4GiB) {
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
     const std::string path = dir.file("big.safetensors");
-    testing::write_file(path, raw_safetensors(text, "\x01\x02\x03\x04"));
+    iotest::write_file(path, raw_safetensors(text, "\x01\x02\x03\x04"));
     // Move the 4 data bytes to the end of a sparse 5 GiB hole.
     {
         const uint64_t data_start = 8 + text.size();

@@ -14,7 +14,7 @@
 
 #include "util/error.h"
 
-namespace dbrx::testing {
+namespace dbrx::iotest {
 
 // A fresh directory under the system temp dir, deleted with everything in it on destruction.
 class TempDir {
@@ -97,4 +97,4 @@ void expect_error(Fn &&fn, dbrx_status status, const std::string &needle) {
     }
 }
 
-}  // namespace dbrx::testing
+}  // namespace dbrx::iotest

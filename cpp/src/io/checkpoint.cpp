@@ -92,6 +92,18 @@ public:
         return reinterpret_cast<const bf16_t *>(p);
     }
 
+    // The format does not forbid NaN/Inf; one in a norm or router weight poisons every token, so
+    // these small tensors are scanned (the big matrices are left to the numerics).
+    const bf16_t *bind_finite(const std::string &name, std::vector<int64_t> shape) {
+        const bf16_t *p = bind(name, shape);
+        const int64_t n = tensors_.at(name).info->numel();
+        for (int64_t i = 0; i < n; ++i)
+            if ((p[i] & 0x7f80u) == 0x7f80u)
+                bad_checkpoint(tensors_.at(name).shard->path() + ": " + name + ": holds a non-finite value at element " +
+                               std::to_string(i));
+        return p;
+    }
+
     int64_t bytes() const { return bytes_; }
 
 private:
@@ -146,17 +158,17 @@ std::unique_ptr<Checkpoint> Checkpoint::open(const std::string &dir) {
     Binder b(dir, tensors);
     ModelWeights &w = ck->weights_;
     w.wte = b.bind("transformer.wte.weight", {vocab, d});
-    w.norm_f = b.bind("transformer.norm_f.weight", {d});
+    w.norm_f = b.bind_finite("transformer.norm_f.weight", {d});
     w.lm_head = b.bind("lm_head.weight", {vocab, d});
     // push_back per layer: a hostile n_layers fails at the first missing tensor, before any big allocation.
     for (int32_t i = 0; i < c.n_layers; ++i) {
         const std::string p = "transformer.blocks." + std::to_string(i) + ".";
         LayerWeights l;
-        l.norm_1 = b.bind(p + "norm_attn_norm.norm_1.weight", {d});
+        l.norm_1 = b.bind_finite(p + "norm_attn_norm.norm_1.weight", {d});
         l.wqkv = b.bind(p + "norm_attn_norm.attn.Wqkv.weight", {c.qkv_rows(), d});
         l.out_proj = b.bind(p + "norm_attn_norm.attn.out_proj.weight", {d, d});
-        l.norm_2 = b.bind(p + "norm_attn_norm.norm_2.weight", {d});
-        l.router = b.bind(p + "ffn.router.layer.weight", {c.n_experts, d});
+        l.norm_2 = b.bind_finite(p + "norm_attn_norm.norm_2.weight", {d});
+        l.router = b.bind_finite(p + "ffn.router.layer.weight", {c.n_experts, d});
         l.w1 = b.bind(p + "ffn.experts.mlp.w1", {expert_rows, d});
         l.v1 = b.bind(p + "ffn.experts.mlp.v1", {expert_rows, d});
         l.w2 = b.bind(p + "ffn.experts.mlp.w2", {expert_rows, d});
