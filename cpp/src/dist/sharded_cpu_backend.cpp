@@ -1,0 +1,203 @@
+#include "dist/sharded_cpu_backend.h"
+
+#include <algorithm>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include "backend/cpu/cpu_kv_pool.h"
+#include "dist/cpu_rank.h"
+#include "dist/shard_plan.h"
+#include "dist/thread_communicator.h"
+#include "util/error.h"
+
+namespace dbrx::dist {
+namespace {
+
+using cpu::CpuKvPool;
+
+// Same figure as the one-rank CPU backend: all ranks share the host's memory.
+constexpr int64_t kCpuKvMemory = int64_t{2} << 30;
+
+// One KV pool per rank, each holding that rank's KV heads (none on ranks without attention).
+class ShardedKvPool final : public KvPool {
+public:
+    ShardedKvPool(const ModelConfig &c, const ShardPlan &plan, int32_t n_blocks, int32_t block_size)
+        : n_blocks_(n_blocks), block_size_(block_size) {
+        if (n_blocks <= 0 || block_size <= 0)
+            invalid_argument("sharded CPU KV pool: n_blocks (" + std::to_string(n_blocks) + ") and block_size (" +
+                             std::to_string(block_size) + ") must be positive");
+        for (int32_t r = 0; r < plan.world_size; ++r) {
+            const int32_t heads = plan.shard(r).kv_heads.size();
+            ranks_.push_back(heads == 0 ? nullptr
+                                        : std::make_unique<CpuKvPool>(c.n_layers, n_blocks, block_size, heads,
+                                                                      c.head_dim));
+        }
+    }
+    int32_t n_blocks() const override { return n_blocks_; }
+    int32_t block_size() const override { return block_size_; }
+    CpuKvPool *rank(int32_t r) { return ranks_[r].get(); }
+    int32_t world_size() const { return static_cast<int32_t>(ranks_.size()); }
+
+private:
+    int32_t n_blocks_, block_size_;
+    std::vector<std::unique_ptr<CpuKvPool>> ranks_;
+};
+
+void check_config(const ModelConfig &c, int32_t n_layers_in_checkpoint) {
+    auto bad = [](const std::string &m) { bad_checkpoint("sharded CPU backend: config " + m); };
+    if (c.d_model <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_layers <= 0 || c.vocab_size <= 0 ||
+        c.ffn_hidden <= 0 || c.n_experts <= 0 || c.max_seq_len <= 0)
+        bad("has a non-positive dimension");
+    if (c.head_dim * c.n_heads != c.d_model || c.head_dim % 2 != 0)
+        bad("head_dim " + std::to_string(c.head_dim) + " must be even and d_model / n_heads");
+    if (c.n_heads % c.n_kv_heads != 0)
+        bad("n_heads " + std::to_string(c.n_heads) + " is not a multiple of kv_n_heads " + std::to_string(c.n_kv_heads));
+    if (c.top_k < 1 || c.top_k > c.n_experts)
+        bad("moe_top_k " + std::to_string(c.top_k) + " outside [1, " + std::to_string(c.n_experts) + "]");
+    if (c.moe_norm_p && !(*c.moe_norm_p > 0)) bad("moe_normalize_expert_weights must be positive");
+    if (n_layers_in_checkpoint != c.n_layers)
+        bad("says " + std::to_string(c.n_layers) + " layers, the checkpoint has " + std::to_string(n_layers_in_checkpoint));
+}
+
+class ShardedCpuBackend final : public Backend {
+public:
+    ShardedCpuBackend(const Checkpoint &ckpt, const BackendOptions &options, int32_t tp, int32_t ep,
+                      ShardedCpuOptions sharded)
+        : cfg_(ckpt.config()), plan_(ShardPlan::make(ckpt.config(), tp, ep)), sharded_(std::move(sharded)) {
+        check_config(cfg_, static_cast<int32_t>(ckpt.weights().layers.size()));
+        int32_t total = options.n_threads > 0 ? options.n_threads
+                                              : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
+        const int32_t per_rank = std::max(1, total / plan_.world_size);
+        for (int32_t r = 0; r < plan_.world_size; ++r)
+            ranks_.push_back(std::make_unique<CpuRank>(cfg_, ckpt.weights(), plan_, r, per_rank));
+        comms_ = ThreadCommunicator::create_group(plan_.world_size, sharded_.timeout);
+    }
+
+    std::string name() const override {
+        return "cpu-sharded(tp " + std::to_string(plan_.tp) + ", ep " + std::to_string(plan_.ep) + ")";
+    }
+
+    // All ranks' KV heads together: replicated KV heads count once per rank holding them.
+    int64_t kv_bytes_per_block(int32_t block_size) const override {
+        int64_t heads = 0;
+        for (int32_t r = 0; r < plan_.world_size; ++r) heads += plan_.shard(r).kv_heads.size();
+        return int64_t{cfg_.n_layers} * 2 * block_size * heads * cfg_.head_dim * int64_t{sizeof(float)};
+    }
+
+    int64_t kv_memory_available() const override { return kCpuKvMemory; }
+
+    std::unique_ptr<KvPool> create_kv_pool(int32_t n_blocks, int32_t block_size) override {
+        return std::make_unique<ShardedKvPool>(cfg_, plan_, n_blocks, block_size);
+    }
+
+    void forward(KvPool &pool, std::span<const SeqStep> batch, float *logits) override;
+
+private:
+    ShardedKvPool &check_inputs(KvPool &pool, std::span<const SeqStep> batch, float *logits) const;
+
+    const ModelConfig cfg_;
+    const ShardPlan plan_;
+    const ShardedCpuOptions sharded_;
+    std::vector<std::unique_ptr<CpuRank>> ranks_;
+    std::vector<std::unique_ptr<ThreadCommunicator>> comms_;
+    std::mutex mutex_;
+    std::string dead_;  // why the group failed; empty while healthy (guarded by mutex_)
+};
+
+ShardedKvPool &ShardedCpuBackend::check_inputs(KvPool &pool, std::span<const SeqStep> batch, float *logits) const {
+    auto *kv = dynamic_cast<ShardedKvPool *>(&pool);
+    if (!kv || kv->world_size() != plan_.world_size)
+        invalid_argument("sharded CPU backend forward: the KV pool was not created by this backend");
+    bool any_logits = false;
+    for (size_t s = 0; s < batch.size(); ++s) {
+        const SeqStep &st = batch[s];
+        const std::string where = "sharded CPU backend forward: batch[" + std::to_string(s) + "]: ";
+        if (st.tokens.empty()) invalid_argument(where + "no tokens");
+        if (st.pos0 < 0) invalid_argument(where + "negative pos0 " + std::to_string(st.pos0));
+        const int64_t end = int64_t{st.pos0} + static_cast<int64_t>(st.tokens.size());
+        if (end > cfg_.max_seq_len)
+            invalid_argument(where + "positions up to " + std::to_string(end) + " exceed max_seq_len " +
+                             std::to_string(cfg_.max_seq_len));
+        if (static_cast<int64_t>(st.blocks.size()) * kv->block_size() < end)
+            invalid_argument(where + "block table of " + std::to_string(st.blocks.size()) + " blocks of " +
+                             std::to_string(kv->block_size()) + " cannot hold " + std::to_string(end) + " positions");
+        const int64_t used_blocks = (end + kv->block_size() - 1) / kv->block_size();
+        for (int64_t b = 0; b < used_blocks; ++b)
+            if (st.blocks[b] < 0 || st.blocks[b] >= kv->n_blocks())
+                invalid_argument(where + "block id " + std::to_string(st.blocks[b]) + " at index " + std::to_string(b) +
+                                 " outside [0, " + std::to_string(kv->n_blocks()) + ")");
+        for (size_t i = 0; i < st.tokens.size(); ++i)
+            if (st.tokens[i] < 0 || st.tokens[i] >= cfg_.vocab_size)
+                invalid_argument(where + "token id " + std::to_string(st.tokens[i]) + " at index " + std::to_string(i) +
+                                 " outside [0, " + std::to_string(cfg_.vocab_size) + ")");
+        any_logits |= st.want_logits;
+    }
+    if (any_logits && !logits) invalid_argument("sharded CPU backend forward: logits requested but the output is null");
+    return *kv;
+}
+
+void ShardedCpuBackend::forward(KvPool &pool, std::span<const SeqStep> batch, float *logits) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!dead_.empty()) fail(DBRX_ERR_ENGINE_DEAD, name() + " failed earlier and cannot run: " + dead_);
+    ShardedKvPool &kv = check_inputs(pool, batch, logits);
+
+    StepInput step;
+    step.batch = batch;
+    for (size_t s = 0; s < batch.size(); ++s) {
+        for (size_t i = 0; i < batch[s].tokens.size(); ++i)
+            step.tokens.push_back({static_cast<int32_t>(s), batch[s].pos0 + static_cast<int32_t>(i)});
+        if (batch[s].want_logits) step.logit_rows.push_back(static_cast<int64_t>(step.tokens.size()) - 1);
+    }
+    if (step.tokens.empty()) return;
+
+    // One thread per rank for the step. The first failure is the root cause: every other rank's
+    // error follows from the abort it triggers (or names the rank it timed out waiting for).
+    std::mutex failure_mutex;
+    std::string first_failure;
+    auto run_rank = [&](int32_t r) {
+        try {
+            ranks_[r]->forward(step, kv.rank(r), *comms_[r], logits, sharded_.before_layer);
+        } catch (const std::exception &e) {
+            {
+                std::lock_guard<std::mutex> failure_lock(failure_mutex);
+                if (first_failure.empty()) first_failure = "rank " + std::to_string(r) + ": " + e.what();
+            }
+            comms_[r]->abort(e.what());
+        }
+    };
+    std::vector<std::thread> threads;
+    threads.reserve(static_cast<size_t>(plan_.world_size) - 1);
+    try {
+        for (int32_t r = 1; r < plan_.world_size; ++r) threads.emplace_back(run_rank, r);
+    } catch (const std::system_error &e) {
+        // The started ranks would wait at their first collective: release them before unwinding.
+        comms_[0]->abort(std::string("cannot start the rank threads: ") + e.what());
+        for (auto &t : threads) t.join();
+        dead_ = std::string("cannot start the rank threads: ") + e.what();
+        fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + dead_);
+    }
+    run_rank(0);
+    for (auto &t : threads) t.join();
+    if (!first_failure.empty()) {
+        dead_ = first_failure;
+        fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + first_failure);
+    }
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_sharded_cpu_backend(const Checkpoint &ckpt, const BackendOptions &options, int32_t tp,
+                                                  int32_t ep, const ShardedCpuOptions &sharded) {
+    return std::make_unique<ShardedCpuBackend>(ckpt, options, tp, ep, sharded);
+}
+
+std::unique_ptr<Backend> make_parallel_cpu_backend(const Checkpoint &ckpt, const BackendOptions &options) {
+    if (options.tp == 1 && options.ep == 1) return make_cpu_backend(ckpt, options);
+    return make_sharded_cpu_backend(ckpt, options, options.tp, options.ep);
+}
+
+}  // namespace dbrx::dist
