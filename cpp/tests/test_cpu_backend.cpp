@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -16,13 +18,45 @@
 
 #include "io/checkpoint.h"
 #include "model/backend.h"
-#include "test_safetensors_writer.h"
 #include "util/error.h"
 
 namespace dbrx {
 namespace {
 
-using testing::TempDir;
+// A fresh temporary directory, removed with its contents at the end of the test.
+class TempDir {
+public:
+    TempDir() : path_(std::filesystem::temp_directory_path() / ("dbrx-cpu-test-" + std::to_string(std::random_device{}()))) {
+        std::filesystem::create_directories(path_);
+    }
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path_, ec);
+    }
+    std::string str() const { return path_.string(); }
+    std::string file(const std::string &name) const { return (path_ / name).string(); }
+
+private:
+    std::filesystem::path path_;
+};
+
+void write_file(const std::string &path, const std::string &bytes) {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    ASSERT_TRUE(out.good()) << "cannot write " << path;
+}
+
+// Runs fn, expecting dbrx::Error with `status` and a message containing `needle`.
+template <typename Fn>
+void expect_error(Fn &&fn, dbrx_status status, const std::string &needle) {
+    try {
+        fn();
+        ADD_FAILURE() << "no error thrown; expected one containing \"" << needle << "\"";
+    } catch (const Error &e) {
+        EXPECT_EQ(e.status(), status) << e.what();
+        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+}
 
 struct Shape {
     const char *name;
@@ -43,7 +77,7 @@ Tensors write_checkpoint(const TempDir &dir, const Shape &s, uint32_t seed) {
                                           {"moe_top_k", s.top_k}}}};
     cfg["attn_config"]["clip_qkv"] = s.clip ? nlohmann::json(*s.clip) : nlohmann::json(nullptr);
     cfg["ffn_config"]["moe_normalize_expert_weights"] = s.norm_p ? nlohmann::json(*s.norm_p) : nlohmann::json(nullptr);
-    testing::write_file(dir.file("config.json"), cfg.dump());
+    write_file(dir.file("config.json"), cfg.dump());
 
     std::vector<std::pair<std::string, std::vector<int64_t>>> shapes = {
         {"transformer.wte.weight", {s.vocab, s.d}}, {"transformer.norm_f.weight", {s.d}}, {"lm_head.weight", {s.vocab, s.d}}};
@@ -76,7 +110,9 @@ Tensors write_checkpoint(const TempDir &dir, const Shape &s, uint32_t seed) {
     }
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
-    testing::write_file(dir.file("model.safetensors"), testing::raw_safetensors(text, data));
+    std::string image(8, '\0');  // u64 little-endian header length, header, data
+    for (int i = 0; i < 8; ++i) image[i] = static_cast<char>((text.size() >> (8 * i)) & 0xff);
+    write_file(dir.file("model.safetensors"), image + text + data);
     return out;
 }
 
@@ -237,10 +273,10 @@ TEST_F(CpuBackendChecks, KvSizing) {
     auto pool = backend_->create_kv_pool(5, 16);
     EXPECT_EQ(pool->n_blocks(), 5);
     EXPECT_EQ(pool->block_size(), 16);
-    testing::expect_error([&] { backend_->create_kv_pool(0, 16); }, DBRX_ERR_INVALID_ARGUMENT, "n_blocks");
+    expect_error([&] { backend_->create_kv_pool(0, 16); }, DBRX_ERR_INVALID_ARGUMENT, "n_blocks");
     // 2^31 blocks of 2^20 tokens overflow; 2^22 blocks of 2^16 tokens (a few PiB) cannot be allocated.
-    testing::expect_error([&] { backend_->create_kv_pool(INT32_MAX, 1 << 20); }, DBRX_ERR_OUT_OF_MEMORY, "KV pool");
-    testing::expect_error([&] { backend_->create_kv_pool(1 << 22, 1 << 16); }, DBRX_ERR_OUT_OF_MEMORY, "KV pool");
+    expect_error([&] { backend_->create_kv_pool(INT32_MAX, 1 << 20); }, DBRX_ERR_OUT_OF_MEMORY, "KV pool");
+    expect_error([&] { backend_->create_kv_pool(1 << 22, 1 << 16); }, DBRX_ERR_OUT_OF_MEMORY, "KV pool");
 }
 
 TEST_F(CpuBackendChecks, RejectsInvalidSteps) {
@@ -251,23 +287,23 @@ TEST_F(CpuBackendChecks, RejectsInvalidSteps) {
         SeqStep step{tokens, pos0, table, true};
         backend_->forward(*pool, std::span<const SeqStep>(&step, 1), out ? out : logits.data());
     };
-    testing::expect_error([&] { run({1, 512, 3}, 0, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "token id 512");
-    testing::expect_error([&] { run({-1}, 0, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "token id -1");
-    testing::expect_error([&] { run({}, 0, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "no tokens");
-    testing::expect_error([&] { run(ok_tokens, 30, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "cannot hold 33");
-    testing::expect_error([&] { run(ok_tokens, -2, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "negative pos0");
-    testing::expect_error([&] { run(ok_tokens, 0, {4}); }, DBRX_ERR_INVALID_ARGUMENT, "block id 4");
-    testing::expect_error([&] { run(ok_tokens, 0, {-1}); }, DBRX_ERR_INVALID_ARGUMENT, "block id -1");
+    expect_error([&] { run({1, 512, 3}, 0, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "token id 512");
+    expect_error([&] { run({-1}, 0, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "token id -1");
+    expect_error([&] { run({}, 0, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "no tokens");
+    expect_error([&] { run(ok_tokens, 30, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "cannot hold 33");
+    expect_error([&] { run(ok_tokens, -2, blocks); }, DBRX_ERR_INVALID_ARGUMENT, "negative pos0");
+    expect_error([&] { run(ok_tokens, 0, {4}); }, DBRX_ERR_INVALID_ARGUMENT, "block id 4");
+    expect_error([&] { run(ok_tokens, 0, {-1}); }, DBRX_ERR_INVALID_ARGUMENT, "block id -1");
     std::vector<int32_t> many(70, 0);
-    testing::expect_error([&] { run(ok_tokens, 1022, many); }, DBRX_ERR_INVALID_ARGUMENT, "max_seq_len");
+    expect_error([&] { run(ok_tokens, 1022, many); }, DBRX_ERR_INVALID_ARGUMENT, "max_seq_len");
     SeqStep step{ok_tokens, 0, blocks, true};
-    testing::expect_error([&] { backend_->forward(*pool, std::span<const SeqStep>(&step, 1), nullptr); },
+    expect_error([&] { backend_->forward(*pool, std::span<const SeqStep>(&step, 1), nullptr); },
                           DBRX_ERR_INVALID_ARGUMENT, "logits");
     // A pool made for another model is refused.
     auto other_ckpt = Checkpoint::open(std::string(DBRX_SOURCE_DIR) + "/models/tiny-dbrx-cl100k");
     auto other = make_cpu_backend(*other_ckpt, BackendOptions{});
     auto other_pool = other->create_kv_pool(4, 16);
-    testing::expect_error([&] { backend_->forward(*other_pool, std::span<const SeqStep>(&step, 1), logits.data()); },
+    expect_error([&] { backend_->forward(*other_pool, std::span<const SeqStep>(&step, 1), logits.data()); },
                           DBRX_ERR_INVALID_ARGUMENT, "another model");
     // After the refusals the backend still works.
     run(ok_tokens, 0, blocks);

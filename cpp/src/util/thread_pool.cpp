@@ -3,6 +3,29 @@
 #include <algorithm>
 
 namespace dbrx {
+namespace {
+
+constexpr int kSpinIterations = 4000;  // some tens of microseconds
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    std::this_thread::yield();
+#endif
+}
+
+// Spins until pred() holds or the budget runs out; true when it holds.
+template <typename Pred>
+bool spin_until(Pred pred) {
+    for (int i = 0; i < kSpinIterations; ++i) {
+        if (pred()) return true;
+        cpu_relax();
+    }
+    return false;
+}
+
+}  // namespace
 
 ThreadPool::ThreadPool(int32_t n_threads) {
     if (n_threads <= 0) n_threads = static_cast<int32_t>(std::thread::hardware_concurrency());
@@ -36,16 +59,17 @@ void ThreadPool::run_slice(int32_t index) {
 void ThreadPool::worker_loop(int32_t index) {
     uint64_t seen = 0;
     for (;;) {
+        spin_until([&] { return generation_.load(std::memory_order_acquire) != seen; });
         {
             std::unique_lock<std::mutex> lock(mutex_);
-            start_cv_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+            start_cv_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
             if (stopping_) return;
-            seen = generation_;
+            seen = generation_.load();
         }
         run_slice(index);
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (--pending_ == 0) done_cv_.notify_one();
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            std::lock_guard<std::mutex> lock(mutex_);  // the caller may be asleep on done_cv_
+            done_cv_.notify_one();
         }
     }
 }
@@ -63,16 +87,17 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
         job_ = &fn;
         job_n_ = n;
         job_slices_ = static_cast<int32_t>(slices);
-        pending_ = n_threads_ - 1;
+        pending_.store(n_threads_ - 1);
         error_ = nullptr;
-        ++generation_;
+        generation_.fetch_add(1, std::memory_order_release);
     }
     start_cv_.notify_all();
     run_slice(0);
     std::exception_ptr error;
+    spin_until([&] { return pending_.load(std::memory_order_acquire) == 0; });
     {
         std::unique_lock<std::mutex> lock(mutex_);
-        done_cv_.wait(lock, [&] { return pending_ == 0; });
+        done_cv_.wait(lock, [&] { return pending_.load() == 0; });
         job_ = nullptr;
         error = error_;
     }

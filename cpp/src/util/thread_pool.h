@@ -3,6 +3,7 @@
 // result, because the kernels compute every output element wholly inside one slice.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -38,13 +39,15 @@ private:
     std::mutex mutex_;
     std::condition_variable start_cv_;
     std::condition_variable done_cv_;
-    uint64_t generation_ = 0;
+    // Workers and the caller spin briefly on these before sleeping: a decode step of a small model is
+    // dozens of short loops, and a futex wake-up per loop would cost more than the loop.
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<int32_t> pending_{0};
     bool stopping_ = false;
-    // The job of the current generation.
+    // The job of the current generation (written under mutex_ before generation_ moves).
     const std::function<void(int64_t, int64_t)> *job_ = nullptr;
     int64_t job_n_ = 0;
     int32_t job_slices_ = 0;
-    int32_t pending_ = 0;
     std::exception_ptr error_;
 };
 

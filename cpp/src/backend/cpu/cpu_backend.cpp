@@ -2,6 +2,7 @@
 // All tokens of a step (every sequence's prefill chunk or decode token) go through each weight
 // matrix together, but every kernel computes each token's values on their own, so a sequence's
 // logits never depend on the batch, the chunking, the physical blocks or the thread count.
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <string>
@@ -180,11 +181,13 @@ void CpuBackend::attention_layer(CpuKvPool &kv, int32_t layer, std::span<const S
             std::copy_n(q + d, n_kv * hd, kv.keys(layer, block) + slot);
             std::copy_n(q + d + n_kv * hd, n_kv * hd, kv.values(layer, block) + slot);
         }
-    });
+    }, cpu::slice_grain(rows * 2));
 
     const cpu::PagedKv view = kv.layer_view(layer);
     const int32_t group = cfg_.n_heads / cfg_.n_kv_heads;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    int32_t max_pos = 0;
+    for (const TokenRef &tok : tokens_) max_pos = std::max(max_pos, tok.pos);
     threads_.parallel_for(n * cfg_.n_heads, [&](int64_t i0, int64_t i1) {
         std::vector<float> scores;
         for (int64_t i = i0; i < i1; ++i) {
@@ -195,7 +198,7 @@ void CpuBackend::attention_layer(CpuKvPool &kv, int32_t layer, std::span<const S
             cpu::attend_one(qkv_.data() + t * rows + head * hd, tok.pos, view, batch[tok.seq].blocks, head / group,
                             scale, scores.data(), attn_.data() + t * d + head * hd);
         }
-    });
+    }, cpu::slice_grain(2 * hd * (max_pos + 1)));
     cpu::gemm_xwt(attn_.data(), n, d, lw.out_proj, d, proj_.data(), threads_);
     for (int64_t i = 0; i < n * d; ++i) h[i] += proj_[i];
 }

@@ -111,15 +111,14 @@ void layernorm(const float *x, const bf16_t *w, float *y, int64_t n_tokens, int6
             for (int64_t i = 0; i < d; ++i)
                 yt[i] = static_cast<float>((xt[i] - mean) * rstd) * bf16_to_float(w[i]);
         }
-    });
+    }, slice_grain(3 * d));
 }
 
 void gemm_xwt(const float *x, int64_t n_tokens, int64_t k, const bf16_t *w, int64_t n_out, float *y,
               ThreadPool &pool) {
     if (n_tokens <= 0) return;
     constexpr int kTile = 4;  // weight rows per pass over the tokens: x is streamed once per tile
-    // Enough rows per slice that a thread's share is worth waking it for.
-    int64_t grain = std::max<int64_t>(kTile, 16384 / std::max<int64_t>(1, k * n_tokens));
+    const int64_t grain = std::max<int64_t>(kTile, slice_grain(k * n_tokens));
     pool.parallel_for(n_out, [&](int64_t n0, int64_t n1) {
         std::vector<float> buf(static_cast<size_t>(kTile * k));
         const float *r0 = buf.data(), *r1 = r0 + k, *r2 = r1 + k, *r3 = r2 + k;
@@ -156,7 +155,7 @@ void gemm_xw(const float *x, int64_t n_tokens, int64_t k, const bf16_t *w, int64
                     xw_tile_narrow(x + t * k, tile.data(), k, width, y + t * n_out + c0);
             }
         }
-    });
+    }, slice_grain(kColTile * k * n_tokens));
 }
 
 void clamp(float *x, int64_t n, float limit) {
@@ -282,7 +281,7 @@ void moe_experts(const float *x, int64_t n_tokens, int32_t d_model, int32_t ffn,
                 for (int64_t r = 0; r < k; ++r) acc += weights[t * k + r] * expert_out[(t * k + r) * d + c];
                 h[t * d + c] += acc;
             }
-    });
+    }, slice_grain(k * d));
 }
 
 }  // namespace dbrx::cpu

@@ -17,6 +17,15 @@ namespace dbrx::cpu {
 
 constexpr float kLayerNormEps = 1e-5f;
 
+// Roughly the multiply-adds (about 20 us) worth waking another thread for; smaller loops stay on
+// the calling thread, since decode steps of small models are otherwise dominated by wake-ups.
+constexpr int64_t kMinSliceWork = int64_t{1} << 17;
+
+// Items per parallel slice when each item costs `work_per_item` multiply-adds.
+inline int64_t slice_grain(int64_t work_per_item) {
+    return work_per_item <= 0 ? kMinSliceWork : (kMinSliceWork + work_per_item - 1) / work_per_item;
+}
+
 // dst[i] = float(src[i]).
 void bf16_to_f32(const bf16_t *src, float *dst, int64_t n);
 
