@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The JVM test suite, end to end:
+#   1. `mvn install` from the root: libdbrx (CMake), the JavaCPP bindings and their classifier jars
+#      (linux-x86_64; linux-x86_64-cuda where ci/deps.sh installed the CUDA toolkit), the SDK and the
+#      CLI, each module with its JUnit 5 tests, all into the local repository (~/.m2);
+#   2. the JNI path against the C++ one: `dbrx eval` and the CLI's `eval` give the same greedy ids;
+#   3. samples/consumer, a project that depends on the installed artifacts by coordinates only.
+# Knobs: DBRX_CUDA_SKIP=1 leaves the CUDA classifier out; MVN_OFFLINE=1 adds -o (a warm ~/.m2).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+mvn_flags=(-B)
+[ "${MVN_OFFLINE:-0}" = 1 ] && mvn_flags+=(-o)
+[ "${DBRX_CUDA_SKIP:-0}" = 1 ] && mvn_flags+=(-Ddbrx.cuda.skip=true)
+
+echo "== jvm-test: mvn install (native build, bindings, SDK, CLI, JUnit)"
+mvn "${mvn_flags[@]}" install
+
+echo "== jvm-test: JNI greedy ids against the C++ dbrx eval"
+cmake=cmake
+[ -x .venv/bin/cmake ] && cmake=.venv/bin/cmake
+"$cmake" --build build-mvn-cpu -j2 --target dbrx_cli >/dev/null
+model=models/tiny-dbrx-cl100k
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+build-mvn-cpu/bin/dbrx eval --model "$model" --cases "$model/reference.json" --out "$tmp/cpp.json" --threads 2
+java -jar samples/cli/target/dbrx4j-cli-0.1.0-SNAPSHOT-all.jar eval --model "$model" \
+  --cases "$model/reference.json" --out "$tmp/jvm.json" --threads 2 --quiet
+python3 - "$tmp/cpp.json" "$tmp/jvm.json" <<'PY'
+import json, sys
+cpp = [c["greedy_ids"] for c in json.load(open(sys.argv[1]))["cases"]]
+jvm = [c["greedy_ids"] for c in json.load(open(sys.argv[2]))["cases"]]
+assert cpp == jvm, f"dbrx eval {cpp} != JNI {jvm}"
+print(f"jvm-test: {len(cpp)} cases, JNI greedy ids == dbrx eval greedy ids")
+PY
+
+echo "== jvm-test: samples/consumer by coordinates"
+mvn "${mvn_flags[@]}" -q -f samples/consumer/pom.xml package exec:java -Dexec.args="$root/$model"
+if [ "${DBRX_CUDA_SKIP:-0}" != 1 ] && [ -f .venv/.cuda-13.0 ]; then
+  # The CUDA classifier on a machine without a usable CUDA runtime falls back to the CPU build.
+  mvn "${mvn_flags[@]}" -q -f samples/consumer/pom.xml -Pcuda package exec:java -Dexec.args="$root/$model"
+fi
+echo "jvm-test: all passed"
