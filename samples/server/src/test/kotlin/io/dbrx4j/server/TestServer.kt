@@ -71,7 +71,7 @@ class TestServer(config: ServerConfig, loader: () -> DbrxModel = { Dbrx.load(con
 
         fun config(apiKey: String? = KEY, dir: Path = modelDir) = ServerConfig(
             modelDir = dir, modelName = "tiny-dbrx-cl100k", port = 0, apiKey = apiKey, threads = 2,
-            maxConcurrent = 64, maxQueue = 512, maxTokens = 512, maxN = 4,
+            maxConcurrent = 64, maxQueue = 512, maxTokens = 2048, maxN = 4,
         )
 
         /** One server (with an API key) shared by the test classes of this JVM. */

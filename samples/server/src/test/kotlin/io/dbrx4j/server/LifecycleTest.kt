@@ -1,0 +1,52 @@
+package io.dbrx4j.server
+
+import org.junit.jupiter.api.Assertions.assertEquals
+import org.junit.jupiter.api.Assertions.assertTrue
+import org.junit.jupiter.api.Test
+import java.util.concurrent.CountDownLatch
+
+/** /health and generation answer 503 while the model loads, after a failed load, and once the engine is dead. */
+class LifecycleTest {
+    private val body = """{"model":"tiny-dbrx-cl100k","prompt":"hi","max_tokens":2}"""
+
+    private fun errorCode(r: java.net.http.HttpResponse<String>) = TestServer.MAPPER.readTree(r.body()).get("error").get("code").asText()
+
+    @Test
+    fun `503 while loading, 200 when ready, 503 after the engine dies`() {
+        val release = CountDownLatch(1)
+        TestServer(TestServer.config()) { release.await(); TestServer.load() }.use { s ->
+            val loading = s.send("/health", auth = null)
+            assertEquals(503, loading.statusCode())
+            assertTrue(loading.body().contains("loading"), loading.body())
+            val refused = s.send(Endpoint.COMPLETIONS.path, body)
+            assertEquals(503, refused.statusCode())
+            assertEquals("model_loading", errorCode(refused))
+
+            release.countDown()
+            s.awaitReady()
+            assertEquals(200, s.send("/health", auth = null).statusCode())
+            assertEquals(200, s.send(Endpoint.COMPLETIONS.path, body).statusCode())
+
+            // The engine goes away under the server: everything but /metrics answers 503 from then on.
+            s.host.model!!.close()
+            val dead = s.send(Endpoint.COMPLETIONS.path, body)
+            assertEquals(503, dead.statusCode(), dead.body())
+            assertEquals("engine_dead", errorCode(dead))
+            assertEquals(503, s.send("/health", auth = null).statusCode())
+            assertEquals(200, s.send("/metrics").statusCode())
+        }
+    }
+
+    @Test
+    fun `a failed load is reported by health and by every generation request`() {
+        TestServer(TestServer.config()) { throw IllegalStateException("disk on fire") }.use { s ->
+            while (s.host.state == ModelHost.State.LOADING) Thread.sleep(10)
+            val h = s.send("/health", auth = null)
+            assertEquals(503, h.statusCode())
+            assertTrue(h.body().contains("disk on fire"), h.body())
+            val r = s.send(Endpoint.CHAT.path, """{"model":"tiny-dbrx-cl100k","messages":[{"role":"user","content":"hi"}]}""")
+            assertEquals(503, r.statusCode())
+            assertEquals("engine_dead", errorCode(r))
+        }
+    }
+}
