@@ -49,9 +49,11 @@ class TokenAssemblerTest {
         val (steps, a) = run(hello, listOf("World!!"))
         assertTrue(!a.stopped)
         assertEquals("Hello, World!", steps.flatten().joinToString("") { it.text })
-        // " World" and "!" could still grow into "World!!": both wait for the end.
-        assertEquals(listOf(1, 1, 0, 0, 2), steps.map { it.size })
-        assertEquals(listOf("", " World!"), steps.last().map { it.text })
+        // "World" then "World!" could still grow into "World!!": that text waits for the end, and the
+        // token holding it stays pending so the last token can carry it.
+        assertEquals(listOf(1, 1, 0, 1, 1), steps.map { it.size })
+        assertEquals(listOf(" "), steps[3].map { it.text })
+        assertEquals(listOf("World!"), steps.last().map { it.text })
     }
 
     @Test
