@@ -29,8 +29,9 @@ inline int64_t slice_grain(int64_t work_per_item) {
 // dst[i] = float(src[i]).
 void bf16_to_f32(const bf16_t *src, float *dst, int64_t n);
 
-// sum_i a[i] * b[i] with a fixed order: 8 interleaved partial sums over i, combined pairwise, then
-// the tail. The one dot product every kernel uses.
+// sum_i a[i] * b[i] in one fixed fp32 order, used by every kernel: over the first n - n % 8 elements,
+// lane j (0..7) accumulates a[i] * b[i] for i = j mod 8 in increasing i; then lanes fold pairwise
+// (j += j + 4, then j += j + 2, then j += j + 1); then the tail elements are added in order. No FMA.
 float dot(const float *a, const float *b, int64_t n);
 
 // y[t] = (x[t] - mean) / sqrt(var + eps) * w  (no bias), per token t of n_tokens rows of width d.
