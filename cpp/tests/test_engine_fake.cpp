@@ -326,6 +326,10 @@ TEST_F(EngineFake, DeviceLossStopsTheEngine) {
     dbrx_sampling_params s = greedy(3);
     EXPECT_EQ(dbrx_engine_submit(e.get(), p.data(), static_cast<int32_t>(p.size()), &s, &id), DBRX_ERR_ENGINE_DEAD);
     EXPECT_NE(std::string(dbrx_last_error()).find("device loss"), std::string::npos);
+    std::vector<int32_t> ids(4);
+    int32_t n_ids = 0;
+    EXPECT_EQ(dbrx_generate(e.get(), p.data(), static_cast<int32_t>(p.size()), &s, ids.data(), 4, &n_ids, nullptr, &f),
+              DBRX_ERR_ENGINE_DEAD);
     EXPECT_EQ(dbrx_engine_get_stats(e.get(), nullptr), DBRX_ERR_INVALID_ARGUMENT);
     stats_of(e.get());
 }

@@ -174,7 +174,8 @@ DBRX_API dbrx_status dbrx_generate(dbrx_engine *engine, const int32_t *prompt, i
             *n_out = n;
             if (r.finish == DBRX_FINISH_NONE) continue;
             *finish = r.finish;
-            if (r.finish == DBRX_FINISH_ERROR) dbrx::fail(DBRX_ERR_INTERNAL, "request failed: " + r.error);
+            if (r.finish == DBRX_FINISH_ERROR)
+                dbrx::fail(e.dead() ? DBRX_ERR_ENGINE_DEAD : DBRX_ERR_INTERNAL, "request failed: " + r.error);
             break;
         }
         if (last_logits != nullptr) {

@@ -189,6 +189,11 @@ dbrx_engine_stats Engine::stats() {
     return s;
 }
 
+bool Engine::dead() {
+    std::lock_guard lock(mu_);
+    return dead_;
+}
+
 void Engine::run() {
     std::unique_lock lock(mu_);
     while (!stopping_) {

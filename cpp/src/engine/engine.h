@@ -66,6 +66,8 @@ public:
     void cancel(uint64_t id);
     void release(uint64_t id);
     dbrx_engine_stats stats();
+    // True once a fatal backend or engine failure stopped the worker.
+    bool dead();
 
 private:
     std::shared_ptr<Request> find(uint64_t id);  // mutex held
