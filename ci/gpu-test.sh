@@ -3,7 +3,7 @@
 # CUDA tests (kernels vs the CPU reference kernels, conformance on both fixtures), the synthetic
 # full-width benchmarks and, in the same run, the PyTorch peers, and ends with one table
 # ours / floor / peer.
-#   ci/gpu-test.sh [--stages build,tests,bench,peers] [--layers N] [--quick] [--budget SECONDS]
+#   ci/gpu-test.sh [--stages build,tests,bench,peers[,profile]] [--layers N] [--quick] [--budget SECONDS]
 # Logs and results go to $OUT (default ./gpu-out): build.log, cuda-tests.log, bench.log, bench.json,
 # peers.log, peers.json, table.md. Each stage gets what is left of --budget (default 570 s), so a
 # slow stage cannot eat the whole run. Needs .deps (ci/deps.sh --vendor) where the machine lacks
@@ -57,6 +57,13 @@ if has tests; then
 fi
 if has bench; then
   step bench bench.log $build/bin/dbrx bench --synthetic dbrx --layers "$layers" $quick --json "$out/bench.json"
+fi
+if has profile; then
+  # Per-kernel time and memory throughput of one decode-sized MoE layer and attention (Nsight Compute;
+  # clocks left as they are).
+  step profile profile.log ncu --clock-control none --section SpeedOfLight \
+    -k 'regex:moe_|gemv_|attention|flash|route|permute|gather' --launch-count 24 \
+    $build/bin/dbrx bench --synthetic dbrx --layers 1 --quick
 fi
 if has peers; then
   export PYTHONUNBUFFERED=1

@@ -171,6 +171,14 @@ TEST_P(CudaConformance, ChunkingBatchingAndMoePathAgree) {
     }
     cuda->set_moe_path(MoePath::Auto);
     EXPECT_LE(max_abs_diff(by_path[0], by_path[1]), 2e-2) << "GEMV and GEMM MoE paths";
+    // Prefill attention through the split-K kernel instead of flash attention.
+    cuda->set_flash_prefill(false);
+    for (size_t ci = 0; ci < f.cases.size(); ++ci) {
+        Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
+        auto got = feed(*f.backend, *pool, s, f.cases[ci].prompt, 0, V);
+        EXPECT_LE(max_abs_diff(got, alone[ci]), 5e-2) << "split-K vs flash prefill, case " << ci;
+    }
+    cuda->set_flash_prefill(true);
 }
 
 TEST(CudaBackendErrors, RejectsBadSteps) {

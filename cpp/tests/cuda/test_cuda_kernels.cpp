@@ -132,6 +132,35 @@ void check_attention(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint3
     const double err = rel_max_err(got, ref);
     std::printf("attention H=%d KV=%d hd=%d tokens=%d splits=%d: max rel err %.2e\n", s.H, s.KV, s.hd, Tn, splits, err);
     EXPECT_LT(err, 1e-2);
+
+    // Flash prefill over the chunks long enough for it, compared on the rows it covers.
+    if (!flash_prefill_supported(s.hd)) return;
+    std::vector<int32_t> tiles, rows_covered;
+    int32_t first = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+        if (seqs[i].n_new >= kFlashMinTokens)
+            for (int32_t r = 0; r < seqs[i].n_new; r += kFlashTile) {
+                const int32_t n = std::min(kFlashTile, seqs[i].n_new - r);
+                tiles.insert(tiles.end(), {static_cast<int32_t>(i), first + r, n, seqs[i].pos0 + r});
+                for (int32_t j = 0; j < n; ++j) rows_covered.push_back(first + r + j);
+            }
+        first += seqs[i].n_new;
+    }
+    if (tiles.empty()) return;
+    auto d_tiles = to_device(tiles);
+    DeviceBuffer fout(sizeof(bf16_t) * Tn * d);
+    flash_prefill(d_qnew.as<float>(), static_cast<int32_t>(tiles.size() / 4), s.H, d_tiles.as<int32_t>(), news, kv,
+                  fout.as<bf16_t>(), nullptr);
+    auto fgot = to_f32(to_host<bf16_t>(fout.get(), static_cast<size_t>(Tn) * d));
+    std::vector<float> fsel, rsel;
+    for (int32_t t : rows_covered) {
+        fsel.insert(fsel.end(), fgot.begin() + int64_t{t} * d, fgot.begin() + int64_t{t + 1} * d);
+        rsel.insert(rsel.end(), ref.begin() + int64_t{t} * d, ref.begin() + int64_t{t + 1} * d);
+    }
+    const double ferr = rel_max_err(fsel, rsel);
+    std::printf("flash prefill H=%d KV=%d hd=%d rows=%zu tiles=%zu: max rel err %.2e\n", s.H, s.KV, s.hd,
+                rows_covered.size(), tiles.size() / 4, ferr);
+    EXPECT_LT(ferr, 2e-2);  // bf16 Q and P on the tensor cores
 }
 
 TEST(CudaAttention, DbrxShapePrefillWithPrefix) {
@@ -140,8 +169,35 @@ TEST(CudaAttention, DbrxShapePrefillWithPrefix) {
 TEST(CudaAttention, DbrxShapeDecodeLongContextSplit) {
     check_attention({48, 8, 128, 1.5f}, {{2047, 1}, {700, 1}, {5, 1}}, 12);
 }
+TEST(CudaAttention, DbrxShapeLongChunksOverPrefix) {
+    check_attention({48, 8, 128, 1.5f}, {{0, 300}, {200, 100}, {1000, 17}}, 15);
+}
 TEST(CudaAttention, TinyFixtureShape) { check_attention({2, 1, 128, 1.5f}, {{0, 130}, {60, 1}}, 13); }
 TEST(CudaAttention, Cl100kFixtureShapeNoClip) { check_attention({2, 1, 16, 0.f}, {{0, 70}, {8, 1}}, 14); }
+
+// --- decode GEMV (y = x W^T for a few tokens, optionally added into y) ---
+
+TEST(CudaGemv, MatchesCpuGemm) {
+    struct Case { int32_t T, K, N; float beta; };
+    for (const Case &c : {Case{1, 6144, 100352, 0.f}, Case{3, 6144, 8192, 0.f}, Case{8, 6144, 6144, 1.f},
+                          Case{5, 6144, 16, 0.f}, Case{2, 256, 512, 1.f}, Case{7, 32, 100352, 0.f}}) {
+        auto x = to_bf16(uniform(static_cast<size_t>(c.T) * c.K, -1.f, 1.f, 81 + c.T));
+        auto w = to_bf16(uniform(static_cast<size_t>(c.N) * c.K, -0.05f, 0.05f, 82 + c.N));
+        auto y0 = uniform(static_cast<size_t>(c.T) * c.N, -1.f, 1.f, 83);
+        auto dx = to_device(x), dw = to_device(w), dy = to_device(y0);
+        ASSERT_TRUE(gemv_supported(c.T, c.K));
+        gemv_xwt(dx.as<bf16_t>(), c.T, c.K, dw.as<bf16_t>(), c.N, dy.as<float>(), c.beta, nullptr);
+        auto got = to_host<float>(dy.get(), y0.size());
+        ThreadPool pool(0);
+        std::vector<float> ref(y0.size());
+        auto xf = to_f32(x);
+        cpu::gemm_xwt(xf.data(), c.T, c.K, w.data(), c.N, ref.data(), pool);
+        for (size_t i = 0; i < ref.size(); ++i) ref[i] += c.beta * y0[i];
+        const double err = rel_max_err(got, ref);
+        std::printf("gemv T=%d K=%d N=%d beta=%.0f: max rel err %.2e\n", c.T, c.K, c.N, c.beta, err);
+        EXPECT_LT(err, 1e-4);
+    }
+}
 
 // --- router ---
 

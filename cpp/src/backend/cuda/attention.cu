@@ -21,8 +21,8 @@ __device__ __forceinline__ float *partial(float *scratch, int64_t index, int32_t
 template <int kPerLane>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float scale,
-                     float *scratch) {
-    const int32_t t = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z;
+                     float *scratch, const int32_t *tok_list) {
+    const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, kvh = blockIdx.y, split = blockIdx.z;
     const int32_t hd = kv.head_dim, G = n_heads / kv.n_kv_heads, bs = kv.block_size;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int32_t ctx = meta.pos[t] + 1;
@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                 L += sm[w][g][1] * f;
                 A += sacc[w][g][dim] * f;
             }
-        float *out = partial(scratch, (static_cast<int64_t>(t) * n_heads + kvh * G + g) * splits + split, hd);
+        float *out = partial(scratch, (static_cast<int64_t>(slot) * n_heads + kvh * G + g) * splits + split, hd);
         if (dim == 0) {
             out[0] = M;
             out[1] = L;
@@ -103,9 +103,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 __global__ void attention_merge_kernel(const float *scratch, int32_t n_heads, int32_t hd, int32_t splits,
-                                       uint16_t *out) {
-    const int32_t t = blockIdx.x, h = blockIdx.y;
-    const int64_t base = (static_cast<int64_t>(t) * n_heads + h) * splits;
+                                       uint16_t *out, const int32_t *tok_list) {
+    const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, h = blockIdx.y;
+    const int64_t base = (static_cast<int64_t>(slot) * n_heads + h) * splits;
     float M = -INFINITY;
     for (int32_t s = 0; s < splits; ++s) {
         const float *p = scratch + (base + s) * (hd + 2);
@@ -142,7 +142,7 @@ size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_d
 }
 
 void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
-               int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream) {
+               int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream, const int32_t *tok_list) {
     if (n_tokens == 0) return;
     if (kv.head_dim > 32 * kMaxPerLane || n_heads % kv.n_kv_heads != 0 || n_heads / kv.n_kv_heads > kMaxGroup)
         fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: needs head_dim <= 256 and at most 8 query heads per KV head, got " +
@@ -152,14 +152,14 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
     float *partials = static_cast<float *>(scratch);
     const dim3 grid(n_tokens, kv.n_kv_heads, splits);
     if (kv.head_dim <= 32)
-        attention_kernel<1><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials);
+        attention_kernel<1><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
     else if (kv.head_dim <= 128)
-        attention_kernel<4><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials);
+        attention_kernel<4><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
     else
-        attention_kernel<8><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials);
+        attention_kernel<8><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
     DBRX_CUDA_LAUNCH_CHECK();
     attention_merge_kernel<<<dim3(n_tokens, n_heads), kv.head_dim < 128 ? kv.head_dim : 128, 0, stream>>>(
-        partials, n_heads, kv.head_dim, splits, out);
+        partials, n_heads, kv.head_dim, splits, out, tok_list);
     DBRX_CUDA_LAUNCH_CHECK();
 }
 

@@ -54,8 +54,10 @@ KvLayer CudaKvPool::layer(int32_t l) const {
 
 struct CudaBackend::Step {
     int32_t n_tokens = 0, n_seqs = 0, n_blocks = 0, n_out = 0, max_ctx = 0;
+    // Attention: tokens of short chunks and decodes (split-K kernel) and tiles of long chunks (flash).
+    int32_t n_dec = 0, n_tiles = 0;
     // offsets (in int32) of each array inside the metadata buffer
-    int64_t ids = 0, pos = 0, seq = 0, block_off = 0, blocks = 0, out_rows = 0, total = 0;
+    int64_t ids = 0, pos = 0, seq = 0, block_off = 0, blocks = 0, out_rows = 0, dec = 0, tiles = 0, total = 0;
 };
 
 CudaBackend::CudaBackend(std::unique_ptr<DeviceModel> model, int32_t device_id)
@@ -64,6 +66,10 @@ CudaBackend::CudaBackend(std::unique_ptr<DeviceModel> model, int32_t device_id)
     if (c.d_model % 8 != 0) fail(DBRX_ERR_UNSUPPORTED, "CUDA backend: d_model must be a multiple of 8");
     if (c.head_dim % 2 != 0 || c.head_dim > 256)
         fail(DBRX_ERR_UNSUPPORTED, "CUDA backend: head_dim must be even and <= 256");
+}
+
+bool CudaBackend::use_flash(int64_t chunk_tokens) const {
+    return flash_ && chunk_tokens >= kFlashMinTokens && flash_prefill_supported(model_->config.head_dim);
 }
 
 int64_t CudaBackend::kv_bytes_per_block(int32_t block_size) const {
@@ -117,6 +123,8 @@ void CudaBackend::forward(KvPool &pool_base, std::span<const SeqStep> batch, flo
         st.n_blocks += static_cast<int32_t>(s.blocks.size());
         st.n_out += s.want_logits ? 1 : 0;
         st.max_ctx = std::max<int32_t>(st.max_ctx, static_cast<int32_t>(end));
+        if (use_flash(n)) st.n_tiles += static_cast<int32_t>((n + kFlashTile - 1) / kFlashTile);
+        else st.n_dec += static_cast<int32_t>(n);
     }
     if (st.n_tokens == 0) return;
     st.ids = 0;
@@ -125,12 +133,26 @@ void CudaBackend::forward(KvPool &pool_base, std::span<const SeqStep> batch, flo
     st.block_off = st.seq + st.n_tokens;
     st.blocks = st.block_off + st.n_seqs;
     st.out_rows = st.blocks + st.n_blocks;
-    st.total = st.out_rows + st.n_out;
+    st.dec = st.out_rows + st.n_out;
+    st.tiles = st.dec + st.n_dec;
+    st.total = st.tiles + 4 * int64_t{st.n_tiles};
     host_meta_.reserve(st.total * sizeof(int32_t));
     int32_t *hm = host_meta_.as<int32_t>();
-    int32_t t = 0, boff = 0, o = 0;
+    int32_t t = 0, boff = 0, o = 0, nd = 0, nt = 0;
     for (int32_t i = 0; i < st.n_seqs; ++i) {
         const SeqStep &s = batch[i];
+        const int32_t n = static_cast<int32_t>(s.tokens.size());
+        if (use_flash(n)) {
+            for (int32_t r = 0; r < n; r += kFlashTile, ++nt) {
+                int32_t *tile = hm + st.tiles + 4 * int64_t{nt};
+                tile[0] = i;
+                tile[1] = t + r;
+                tile[2] = std::min(kFlashTile, n - r);
+                tile[3] = s.pos0 + r;
+            }
+        } else {
+            for (int32_t r = 0; r < n; ++r) hm[st.dec + nd++] = t + r;
+        }
         hm[st.block_off + i] = boff;
         std::memcpy(hm + st.blocks + boff, s.blocks.data(), s.blocks.size() * sizeof(int32_t));
         boff += static_cast<int32_t>(s.blocks.size());
@@ -170,14 +192,16 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
     tm.seq = m + st.seq;
     tm.block_off = m + st.block_off;
     tm.blocks = m + st.blocks;
-    const int32_t splits = attention_splits(T, c.n_kv_heads, st.max_ctx);
+    const int32_t splits = attention_splits(st.n_dec, c.n_kv_heads, st.max_ctx);
 
     h_.reserve(sizeof(float) * T * d, "residual stream");
     x_.reserve(sizeof(bf16_t) * T * d, "activations");
     qkv_.reserve(sizeof(float) * T * c.qkv_rows(), "qkv");
     q_.reserve(sizeof(float) * T * d, "queries");
     attn_.reserve(sizeof(bf16_t) * T * d, "attention output");
-    attn_scratch_.reserve(attention_scratch_bytes(T, H, c.head_dim, splits), "attention partials");
+    attn_scratch_.reserve(std::max<size_t>(1, attention_scratch_bytes(st.n_dec, H, c.head_dim, splits)),
+                          "attention partials");
+    const int32_t *dec_list = st.n_dec == T ? nullptr : m + st.dec;
     const float clip = c.clip_qkv ? *c.clip_qkv : 0.f;
 
     embed(m + st.ids, model_->wte.as<bf16_t>(), h_.as<float>(), T, d, s);
@@ -187,7 +211,10 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
         layernorm(h_.as<float>(), nullptr, L.norm_1.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
         gemm_xwt(blas_.get(), x_.as<bf16_t>(), T, d, L.wqkv.as<bf16_t>(), c.qkv_rows(), qkv_.as<float>());
         qkv_epilogue(qkv_.as<float>(), T, H, clip, model_->inv_freq.as<float>(), tm, kv, q_.as<float>(), s);
-        attention(q_.as<float>(), T, H, tm, kv, st.max_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s);
+        if (st.n_dec > 0)
+            attention(q_.as<float>(), st.n_dec, H, tm, kv, st.max_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s,
+                      dec_list);
+        flash_prefill(q_.as<float>(), st.n_tiles, H, m + st.tiles, tm, kv, attn_.as<bf16_t>(), s);
         gemm_xwt(blas_.get(), attn_.as<bf16_t>(), T, d, L.out_proj.as<bf16_t>(), d, h_.as<float>(), 1.f);
         layernorm(h_.as<float>(), nullptr, L.norm_2.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
         MoeWeights mw;

@@ -39,10 +39,13 @@ public:
     cudaStream_t stream() const { return stream_.get(); }
     // For tests and benchmarks: force the MoE path (Auto by default).
     void set_moe_path(MoePath p) { moe_path_ = p; }
+    // For tests: prefill chunks through the split-K kernel instead of flash attention.
+    void set_flash_prefill(bool on) { flash_ = on; }
 
 private:
     struct Step;  // host-side layout of one step's metadata
     void run_layers(const CudaKvPool &pool, const Step &step);
+    bool use_flash(int64_t chunk_tokens) const;
 
     std::unique_ptr<DeviceModel> model_;
     int32_t device_;
@@ -50,6 +53,7 @@ private:
     CublasHandle blas_;
     Moe moe_;
     MoePath moe_path_ = MoePath::Auto;
+    bool flash_ = true;
     std::mutex mutex_;
     PinnedBuffer host_meta_;
     DeviceBuffer meta_, h_, x_, qkv_, q_, attn_, attn_scratch_, logits_;

@@ -1,6 +1,7 @@
 #include "backend/cuda/gemm.h"
 
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/kernels.h"
 
 namespace dbrx::cuda {
 
@@ -9,6 +10,12 @@ namespace dbrx::cuda {
 void gemm_xwt(cublasHandle_t h, const bf16_t *x, int64_t T, int64_t K, const bf16_t *w, int64_t N, float *y,
               float beta) {
     if (T == 0) return;
+    if (gemv_supported(T, K)) {  // decode sizes: our GEMV streams W at close to full bandwidth
+        cudaStream_t stream = nullptr;
+        DBRX_CUBLAS_CHECK(cublasGetStream(h, &stream));
+        gemv_xwt(x, static_cast<int32_t>(T), static_cast<int32_t>(K), w, static_cast<int32_t>(N), y, beta, stream);
+        return;
+    }
     const float alpha = 1.f;
     DBRX_CUBLAS_CHECK(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), static_cast<int>(T),
                                    static_cast<int>(K), &alpha, w, CUDA_R_16BF, static_cast<int>(K), x, CUDA_R_16BF,

@@ -10,6 +10,7 @@
 namespace dbrx::cuda {
 
 // y[T][N] = beta * y + x[T][K] . W[N][K]^T  (torch Linear; beta = 1 adds into a residual).
+// Up to kGemvMaxTokens tokens this runs the backend's own GEMV (kernels.h), above it cuBLAS.
 void gemm_xwt(cublasHandle_t h, const bf16_t *x, int64_t T, int64_t K, const bf16_t *w, int64_t N, float *y,
               float beta = 0.f);
 // y[T][N] = beta * y + x[T][K] . W[K][N]  (W not transposed: the DBRX expert down projection).

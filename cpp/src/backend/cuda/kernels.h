@@ -48,10 +48,21 @@ void qkv_epilogue(const float *qkv, int32_t n_tokens, int32_t n_heads, float cli
 // Causal paged attention: token t (query heads q[t][H][hd]) attends to positions 0..pos[t] of its
 // sequence. One thread block reads each key once for the H / n_kv query heads sharing it; long
 // contexts are split over `splits` blocks whose partial softmax states are merged afterwards.
+// tok_list (nullable) restricts the call to n_tokens listed tokens (indices into the step's tokens).
 int32_t attention_splits(int32_t n_tokens, int32_t n_kv_heads, int32_t max_ctx);
 size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t splits);
 void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
-               int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream);
+               int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream, const int32_t *tok_list = nullptr);
+
+// Prefill attention on the tensor cores for chunks of at least kFlashMinTokens tokens. tiles holds
+// n_tiles x {sequence, first token index, rows (<= kFlashTile), position of the first token}: a
+// sequence's new tokens cut into tiles of kFlashTile consecutive positions. Same semantics as
+// attention() for the tokens it covers (bf16 Q and P, fp32 accumulation).
+constexpr int32_t kFlashTile = 64;
+constexpr int32_t kFlashMinTokens = 16;
+bool flash_prefill_supported(int32_t head_dim);
+void flash_prefill(const float *q, int32_t n_tiles, int32_t n_heads, const int32_t *tiles, TokenMeta meta, KvLayer kv,
+                   bf16_t *out, cudaStream_t stream);
 
 // Router over logits [T][E] (fp32): softmax, top-k (ties to the lower expert), weights divided by
 // their p-norm when norm_p > 0. experts/weights [T][k] in rank order.
@@ -79,7 +90,7 @@ void moe_unpermute(const float *y, int32_t n_parts, int64_t part_stride, const i
 // Small-batch experts as GEMVs driven by device-side routing (no host round trip); each expert's
 // rows must number at most kMoeGemvMaxRows.
 constexpr int32_t kMoeGemvMaxRows = 8;
-constexpr int32_t kMoeDownSplits = 16;
+constexpr int32_t kMoeDownSplits = 32;
 // max_active bounds the number of active experts (grid size), max_rows the rows of any one expert.
 // g[row][j] = silu(xp[row] . W13[e][j]) * (xp[row] . W13[e][F + j]) for the rows of every active expert.
 void moe_up_gemv(const bf16_t *xp, const bf16_t *w13, const int32_t *offsets, const int32_t *active,
@@ -89,6 +100,13 @@ void moe_up_gemv(const bf16_t *xp, const bf16_t *w13, const int32_t *offsets, co
 void moe_down_gemv(const bf16_t *g, const bf16_t *w2, const int32_t *offsets, const int32_t *active,
                    int32_t max_active, int32_t max_rows, int32_t n_rows, int32_t d, int32_t ffn, float *y,
                    cudaStream_t stream);
+
+// y[T][N] = beta * y + x[T][K] . W[N][K]^T for T <= kGemvMaxTokens (decode-sized GEMMs), streaming W
+// once at close to the HBM bandwidth. gemv_supported says whether the shape qualifies.
+constexpr int32_t kGemvMaxTokens = 8;
+bool gemv_supported(int64_t T, int64_t K);
+void gemv_xwt(const bf16_t *x, int32_t T, int32_t K, const bf16_t *w, int32_t N, float *y, float beta,
+              cudaStream_t stream);
 
 // Bandwidth probe for benchmarks: reads n bf16 values (n % 8 == 0, 16-byte aligned) once and
 // writes one float per block to out[gridDim] so the reads cannot be elided. Returns the block count.
