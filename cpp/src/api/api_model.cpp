@@ -4,6 +4,7 @@
 
 #include "api/api_guard.h"
 #include "api/handles.h"
+#include "dist/sharded_cpu_backend.h"
 
 #ifdef DBRX_WITH_CUDA
 #include <cuda_runtime.h>
@@ -87,8 +88,8 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
         if (p.device_id < 0) dbrx::invalid_argument("params.device_id must be >= 0, got " + std::to_string(p.device_id));
         if (p.tensor_parallel < 1 || p.expert_parallel < 1)
             dbrx::invalid_argument("params.tensor_parallel and expert_parallel must be >= 1");
-        if (p.tensor_parallel > 1 || p.expert_parallel > 1)
-            dbrx::fail(DBRX_ERR_UNSUPPORTED, "tensor/expert parallelism is not available in this build");
+        if (p.device == DBRX_DEVICE_CUDA && (p.tensor_parallel > 1 || p.expert_parallel > 1))
+            dbrx::fail(DBRX_ERR_UNSUPPORTED, "tensor/expert parallelism on CUDA is not available in this build");
         auto report = [&](float progress) {
             if (p.progress != nullptr && !p.progress(progress, p.progress_user_data))
                 dbrx::invalid_argument("load of " + std::string(dir) + " aborted by the progress callback");
@@ -102,8 +103,11 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
         dbrx::BackendOptions options;
         options.n_threads = p.n_threads;
         options.device_id = p.device_id;
+        options.tp = p.tensor_parallel;
+        options.ep = p.expert_parallel;
         if (p.device == DBRX_DEVICE_CPU) {
-            model->backend = dbrx::make_cpu_backend(*model->checkpoint, options);
+            // One rank: the plain CPU backend; tp x ep > 1: ranks as threads of this process.
+            model->backend = dbrx::dist::make_parallel_cpu_backend(*model->checkpoint, options);
         } else {
             model->backend = dbrx::make_cuda_backend(*model->checkpoint, options, p.progress, p.progress_user_data);
         }
