@@ -151,7 +151,13 @@ class DbrxServer(val config: ServerConfig, val host: ModelHost) : AutoCloseable 
             log.detail = (log.detail + " error=" + e.code + ": " + e.message).trim()
             respondError(call, e)
         } finally {
-            metrics.countRequest(if (log.status == 404 && log.path !in KNOWN) "other" else log.path, log.status)
+            // Bounded label values: the known paths, models/{id}, and "other".
+            val label = when {
+                log.path in KNOWN -> log.path
+                log.path.startsWith("/v1/models/") -> "/v1/models/{id}"
+                else -> "other"
+            }
+            metrics.countRequest(label, log.status)
             val ms = (System.nanoTime() - log.startNanos) / 1e6
             access.info("{} {} {} {}ms {}", log.method, log.path, log.status, "%.1f".format(ms), log.detail)
         }
