@@ -14,7 +14,7 @@ class RuntimeBindingsTest {
     @Test
     void loadsAndReportsItsVersion() {
         assertFalse(dbrx_version().getString().isEmpty());
-        assertEquals("DBRX_ERR_BAD_CHECKPOINT", dbrx_status_name(DBRX_ERR_BAD_CHECKPOINT).getString());
+        assertEquals("BAD_CHECKPOINT", dbrx_status_name(DBRX_ERR_BAD_CHECKPOINT).getString());
     }
 
     @Test
