@@ -25,12 +25,12 @@ object Planner {
      * Tokenizes (rendering chat messages with the checkpoint's template) and checks every prompt against
      * the context: prompt + max_tokens must fit, and a 400 names the limit when it does not.
      */
-    fun plan(model: DbrxModel, req: GenerationRequest, config: ServerConfig): List<ChoiceJob> {
+    fun plan(model: DbrxModel, encoder: PromptEncoder, req: GenerationRequest, config: ServerConfig): List<ChoiceJob> {
         val ctx = if (config.maxContext > 0) minOf(config.maxContext, model.info.maxContext) else model.info.maxContext
         val vocab = model.info.vocabSize
         val jobs = ArrayList<ChoiceJob>()
         req.prompts.forEachIndexed { p, prompt ->
-            val ids = model.promptIds(prompt)
+            val ids = encoder.ids(model, prompt)
             val param = if (req.endpoint == Endpoint.CHAT) "messages" else "prompt"
             if (ids.isEmpty()) throw ApiError.invalid(param, "the $param is empty (0 tokens)")
             ids.firstOrNull { it >= vocab }?.let { throw ApiError.invalid(param, "token id $it is outside the vocabulary (size $vocab)") }

@@ -2,7 +2,6 @@ package io.dbrx4j.server
 
 import com.fasterxml.jackson.databind.JsonNode
 import io.dbrx4j.ChatMessage
-import io.dbrx4j.Prompt
 import io.dbrx4j.SamplingOptions
 
 enum class Endpoint(val path: String) {
@@ -18,7 +17,7 @@ enum class Endpoint(val path: String) {
 class GenerationRequest(
     val endpoint: Endpoint,
     val model: String?,
-    val prompts: List<Prompt>,
+    val prompts: List<PromptInput>,
     val n: Int,
     /** null: as many as fit, up to the server's limit. */
     val maxTokens: Int?,
@@ -104,11 +103,11 @@ object RequestParser {
         }
     }
 
-    private fun chatPrompt(f: JsonFields): Prompt {
+    private fun chatPrompt(f: JsonFields): PromptInput {
         val messages = f.raw("messages") ?: throw ApiError.invalid("messages", "messages is required", code = "missing_required_parameter")
         if (!messages.isArray) throw f.typeError("messages", "an array", messages)
         if (messages.isEmpty) throw ApiError.invalid("messages", "messages must not be empty")
-        return Prompt.chat(messages.mapIndexed { i, m -> chatMessage(i, m) })
+        return PromptInput.Chat(messages.mapIndexed { i, m -> chatMessage(i, m) })
     }
 
     private fun chatMessage(i: Int, m: JsonNode): ChatMessage {
@@ -147,16 +146,16 @@ object RequestParser {
     }
 
     /** prompt: a string, a list of strings, a list of token ids, or a list of such lists. */
-    private fun completionPrompts(f: JsonFields): List<Prompt> {
+    private fun completionPrompts(f: JsonFields): List<PromptInput> {
         val p = f.raw("prompt") ?: throw ApiError.invalid("prompt", "prompt is required", code = "missing_required_parameter")
-        if (p.isTextual) return listOf(Prompt.text(p.asText()))
+        if (p.isTextual) return listOf(PromptInput.Text(p.asText()))
         if (!p.isArray) throw f.typeError("prompt", "a string, an array of strings or an array of token ids", p)
         if (p.isEmpty) throw ApiError.invalid("prompt", "prompt must not be empty")
-        if (p.all { it.isIntegralNumber }) return listOf(Prompt.ids(tokenIds("prompt", p)))
+        if (p.all { it.isIntegralNumber }) return listOf(PromptInput.Ids(tokenIds("prompt", p)))
         return p.mapIndexed { i, item ->
             when {
-                item.isTextual -> Prompt.text(item.asText())
-                item.isArray && item.all { it.isIntegralNumber } && !item.isEmpty -> Prompt.ids(tokenIds("prompt[$i]", item))
+                item.isTextual -> PromptInput.Text(item.asText())
+                item.isArray && item.all { it.isIntegralNumber } && !item.isEmpty -> PromptInput.Ids(tokenIds("prompt[$i]", item))
                 else -> throw ApiError.invalid("prompt[$i]", "prompt[$i] must be a string or a non-empty array of token ids", code = "invalid_type")
             }
         }

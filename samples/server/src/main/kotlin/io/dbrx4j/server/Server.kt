@@ -62,6 +62,8 @@ class DbrxServer(val config: ServerConfig, val host: ModelHost) : AutoCloseable 
     }
     val pumpScope = CoroutineScope(SupervisorJob() + pumpExecutor.asCoroutineDispatcher())
     private val streaming = Streaming(this)
+    private val encoderLazy = lazy { PromptEncoder.load(config.modelDir) }
+    private val encoder: PromptEncoder by encoderLazy
     private var server: EmbeddedServer<*, *>? = null
 
     /** Starts listening (the model may still be loading); returns the bound port. */
@@ -217,7 +219,7 @@ class DbrxServer(val config: ServerConfig, val host: ModelHost) : AutoCloseable 
         log.detail = "stream=${req.stream} n=${req.n}" + (req.user?.let { " user=${it.take(64)}" } ?: "")
         val jobs = withContext(Dispatchers.Default) {
             try {
-                Planner.plan(model, req, config)
+                Planner.plan(model, encoder, req, config)
             } catch (t: Throwable) {
                 throw host.toApiError(t)
             }
@@ -229,6 +231,7 @@ class DbrxServer(val config: ServerConfig, val host: ModelHost) : AutoCloseable 
         server?.stop(500, 2000)
         pumpScope.cancel()
         host.close()
+        if (encoderLazy.isInitialized()) encoder.close()
         pumpExecutor.shutdownNow()
     }
 

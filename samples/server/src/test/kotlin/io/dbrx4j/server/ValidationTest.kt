@@ -72,6 +72,8 @@ class ValidationTest {
         Case(completions, completionBody(""""logprobs": 30"""), 400, "logprobs"),
         Case(completions, """{"model":"tiny-dbrx-cl100k","prompt":[999999]}""", 400, "prompt"),
         Case(completions, """{"model":"tiny-dbrx-cl100k","prompt":"${"hello ".repeat(100)}","max_tokens":2000}""", 400, "max_tokens"),
+        Case(completions, """{"model":"tiny-dbrx-cl100k","prompt":"${"hello ".repeat(1900)}","max_tokens":200}""", 400, "max_tokens"),
+        Case(completions, """{"model":"tiny-dbrx-cl100k","prompt":"${"hello ".repeat(2100)}"}""", 400, "max_tokens"),
         Case(completions, """{"model":"tiny-dbrx-cl100k","prompt":"${"x".repeat(2_000_000)}"}""", 413, null),
         Case(chat, chatBody(""""max_tokens": 2"""), 401, null, auth = null),
         Case(chat, chatBody(""""max_tokens": 2"""), 401, null, auth = "Bearer wrong-key"),
