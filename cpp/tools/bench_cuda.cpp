@@ -81,7 +81,7 @@ int run_bench(int argc, char **argv) {
     const std::string model = args.required("synthetic");
     if (model != "dbrx") throw UsageError("--synthetic takes 'dbrx' (the full-width DBRX shape), got '" + model + "'");
     const int32_t layers = static_cast<int32_t>(args.integer("layers", 2, 1, 40));
-    const bool quick = args.has("quick");
+    const bool quick = args.str("quick") == "true";
     const std::string json_path = args.str("json");
     const int64_t device = args.integer("device-id", 0, 0, 64);
     args.reject_unknown();

@@ -130,7 +130,7 @@ __global__ void attention_merge_kernel(const float *scratch, int32_t n_heads, in
 int32_t attention_splits(int32_t n_tokens, int32_t n_kv_heads, int32_t max_ctx) {
     // Enough blocks to cover the GPU a few times over; each split keeps at least 128 keys.
     const int64_t blocks = static_cast<int64_t>(n_tokens) * n_kv_heads;
-    if (blocks >= 132 * 4) return 1;
+    if (blocks == 0 || blocks >= 132 * 4) return 1;
     int64_t want = (132 * 4 + blocks - 1) / blocks;
     int64_t by_len = (max_ctx + 127) / 128;
     int64_t s = want < by_len ? want : by_len;

@@ -19,14 +19,16 @@ constexpr int kBN = 64;  // keys per tile
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 
+// Rows are padded (by 16 bytes) so rows do not start in the same shared-memory bank.
 template <int HD>
 struct Smem {
-    __nv_bfloat16 q[kBM][HD];
-    __nv_bfloat16 k[kBN][HD];
-    __nv_bfloat16 v[kBN][HD];
-    float s[kWarps][16][kBN];
-    __nv_bfloat16 p[kWarps][16][kBN];
-    float o[kWarps][16][HD];
+    static constexpr int kQ = HD + 8, kS = kBN + 4, kP = kBN + 8, kO = HD + 4;
+    __nv_bfloat16 q[kBM][kQ];
+    __nv_bfloat16 k[kBN][kQ];
+    __nv_bfloat16 v[kBN][kQ];
+    float s[kWarps][16][kS];
+    __nv_bfloat16 p[kWarps][16][kP];
+    float o[kWarps][16][kO];
 };
 
 template <int HD>
@@ -48,8 +50,11 @@ __global__ void __launch_bounds__(kThreads)
         sm.q[r][c] = __float2bfloat16_rn(v);
     }
     for (int32_t i = lane; i < 16 * HD; i += 32) sm.o[warp][i / HD][i % HD] = 0.f;
-    // Lane pair (2r, 2r+1) owns row r of this warp's 16 rows, half the columns each.
+    // Lane pair (2r, 2r+1) owns row r of this warp's 16 rows, half the columns each; each lane starts
+    // its column walk at its own offset so the 32 lanes hit 32 different banks.
     const int32_t row = lane / 2, half = lane % 2;
+    const int32_t stagger = 2 * half + row / 8;
+    using S = Smem<HD>;
     const int32_t qrow = warp * 16 + row;
     const int32_t qpos = pos0 + min(qrow, n_rows - 1);
     float m = -INFINITY, l = 0.f;
@@ -84,16 +89,17 @@ __global__ void __launch_bounds__(kThreads)
             for (int kk = 0; kk < HD / 16; ++kk) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
-                wmma::load_matrix_sync(a, &sm.q[warp * 16][kk * 16], HD);
-                wmma::load_matrix_sync(b, &sm.k[n * 16][kk * 16], HD);
+                wmma::load_matrix_sync(a, &sm.q[warp * 16][kk * 16], S::kQ);
+                wmma::load_matrix_sync(b, &sm.k[n * 16][kk * 16], S::kQ);
                 wmma::mma_sync(acc, a, b, acc);
             }
-            wmma::store_matrix_sync(&sm.s[warp][0][n * 16], acc, kBN, wmma::mem_row_major);
+            wmma::store_matrix_sync(&sm.s[warp][0][n * 16], acc, S::kS, wmma::mem_row_major);
         }
         __syncwarp();
         // Online softmax on this lane's half row.
         float mx = -INFINITY;
-        for (int c = half * 32; c < half * 32 + 32; ++c) {
+        for (int i = 0; i < 32; ++i) {
+            const int c = half * 32 + (i + stagger) % 32;
             const float s = key0 + c <= qpos ? sm.s[warp][row][c] : -INFINITY;
             mx = fmaxf(mx, s);
         }
@@ -101,7 +107,8 @@ __global__ void __launch_bounds__(kThreads)
         const float m_new = fmaxf(m, mx);
         const float corr = __expf(m - m_new);
         float sum = 0.f;
-        for (int c = half * 32; c < half * 32 + 32; ++c) {
+        for (int i = 0; i < 32; ++i) {
+            const int c = half * 32 + (i + stagger) % 32;
             const float p = key0 + c <= qpos ? __expf(sm.s[warp][row][c] - m_new) : 0.f;
             sum += p;
             sm.p[warp][row][c] = __float2bfloat16_rn(p);
@@ -109,22 +116,23 @@ __global__ void __launch_bounds__(kThreads)
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         l = l * corr + sum;
         m = m_new;
-        for (int c = half * (HD / 2); c < (half + 1) * (HD / 2); ++c) sm.o[warp][row][c] *= corr;
+        if (corr != 1.f)
+            for (int j = 0; j < HD / 2; ++j) sm.o[warp][row][half * (HD / 2) + (j + stagger) % (HD / 2)] *= corr;
         __syncwarp();
         // O_w += P_w V: 16 x HD.
 #pragma unroll
         for (int n = 0; n < HD / 16; ++n) {
             wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::load_matrix_sync(acc, &sm.o[warp][0][n * 16], HD, wmma::mem_row_major);
+            wmma::load_matrix_sync(acc, &sm.o[warp][0][n * 16], S::kO, wmma::mem_row_major);
 #pragma unroll
             for (int kk = 0; kk < kBN / 16; ++kk) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
-                wmma::load_matrix_sync(a, &sm.p[warp][0][kk * 16], kBN);
-                wmma::load_matrix_sync(b, &sm.v[kk * 16][n * 16], HD);
+                wmma::load_matrix_sync(a, &sm.p[warp][0][kk * 16], S::kP);
+                wmma::load_matrix_sync(b, &sm.v[kk * 16][n * 16], S::kQ);
                 wmma::mma_sync(acc, a, b, acc);
             }
-            wmma::store_matrix_sync(&sm.o[warp][0][n * 16], acc, HD, wmma::mem_row_major);
+            wmma::store_matrix_sync(&sm.o[warp][0][n * 16], acc, S::kO, wmma::mem_row_major);
         }
         __syncwarp();
     }
