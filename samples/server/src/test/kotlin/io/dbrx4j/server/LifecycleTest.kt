@@ -27,8 +27,20 @@ class LifecycleTest {
             assertEquals(200, s.send("/health", auth = null).statusCode())
             assertEquals(200, s.send(Endpoint.COMPLETIONS.path, body).statusCode())
 
-            // The engine goes away under the server: everything but /metrics answers 503 from then on.
-            s.host.model!!.close()
+            // The engine goes away under a running stream: the stream ends with an error event, no [DONE].
+            val long = """{"model":"tiny-dbrx-cl100k","prompt":"dying","max_tokens":1800,"stream":true}"""
+            val r = TestServer.HTTP.send(s.request(Endpoint.COMPLETIONS.path, long), java.net.http.HttpResponse.BodyHandlers.ofLines())
+            val events = r.body().use { lines ->
+                val it = lines.filter { l -> l.startsWith("data: ") }.map { l -> l.removePrefix("data: ") }.iterator()
+                val first = it.next()
+                s.host.model!!.close()
+                listOf(first) + it.asSequence().toList()
+            }
+            assertTrue(events.last() != "[DONE]", "a stream cut by engine death must not end with [DONE]")
+            val error = TestServer.MAPPER.readTree(events.last()).get("error")
+            assertEquals("engine_dead", error.get("code").asText(), events.last())
+
+            // Everything but /metrics answers 503 from then on.
             val dead = s.send(Endpoint.COMPLETIONS.path, body)
             assertEquals(503, dead.statusCode(), dead.body())
             assertEquals("engine_dead", errorCode(dead))
