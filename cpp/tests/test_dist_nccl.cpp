@@ -142,6 +142,7 @@ TEST(DistNccl, TwoRanksOnOneGpuFailInsteadOfHanging) {
     for (int32_t r = 0; r < 2; ++r) {
         ASSERT_TRUE(errors[r]) << "rank " << r << " succeeded on a shared GPU";
         EXPECT_EQ(errors[r]->status(), DBRX_ERR_ENGINE_DEAD) << errors[r]->what();
+        EXPECT_NE(std::string(errors[r]->what()).find("NCCL"), std::string::npos) << errors[r]->what();
     }
     EXPECT_LT(Clock::now() - start, 15s);
 }

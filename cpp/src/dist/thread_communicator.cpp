@@ -23,12 +23,14 @@ const char *op_name(Op op) {
     return "?";
 }
 
-// What one rank published for the current collective.
+// What one rank published for the current collective. The data and counts are copies owned by
+// the group: a rank whose collective throws (the group failed) may free its own buffers while a
+// peer is still reading, so peers never read the caller's memory.
 struct Slot {
     Op op = Op::Barrier;
     int64_t n = 0;
-    const float *send = nullptr;
-    std::span<const int64_t> send_counts;
+    std::vector<float> data;
+    std::vector<int64_t> send_counts;
 };
 
 }  // namespace
@@ -42,12 +44,24 @@ public:
     std::chrono::milliseconds timeout() const { return timeout_; }
     const Slot &slot(int32_t rank) const { return slots_[rank]; }
 
-    // Publishes `mine` (phase 1) and waits for every rank to do the same; checks they all called
-    // the same collective with the same size. Throws ENGINE_DEAD on timeout or failure.
-    void publish_and_wait(int32_t rank, const Slot &mine) {
+    // Publishes a copy of `count` floats of `data` (phase 1) and waits for every rank to do the
+    // same; checks they all called the same collective with the same size. Throws ENGINE_DEAD on
+    // timeout or failure.
+    void publish_and_wait(int32_t rank, Op op, int64_t n, const float *data, int64_t count,
+                          std::span<const int64_t> send_counts = {}) {
+        {
+            // Once failed, a slot is never rewritten: a peer that threw mid-collective may still read it.
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (failed_) throw_failure(rank);
+        }
+        // Only this rank writes its slot, and no peer reads it before the rendezvous below.
+        Slot &mine = slots_[rank];
+        mine.op = op;
+        mine.n = n;
+        mine.data.assign(data, data + count);
+        mine.send_counts.assign(send_counts.begin(), send_counts.end());
         std::unique_lock<std::mutex> lock(mutex_);
-        slots_[rank] = mine;
-        if (meet(lock, rank, op_name(mine.op))) check_same_call_locked();
+        if (meet(lock, rank, op_name(op))) check_same_call_locked();
         if (failed_) throw_failure(rank);
     }
 
@@ -157,10 +171,10 @@ int32_t ThreadCommunicator::size() const { return group_->size(); }
 std::chrono::milliseconds ThreadCommunicator::timeout() const { return group_->timeout(); }
 
 void ThreadCommunicator::all_reduce_sum(float *data, int64_t n) {
-    group_->publish_and_wait(rank_, {Op::AllReduce, n, data, {}});
+    group_->publish_and_wait(rank_, Op::AllReduce, n, data, n);
     scratch_.assign(static_cast<size_t>(n), 0.0f);
     for (int32_t r = 0; r < size(); ++r) {
-        const float *src = group_->slot(r).send;
+        const float *src = group_->slot(r).data.data();
         for (int64_t i = 0; i < n; ++i) scratch_[i] += src[i];
     }
     group_->wait_all(rank_, Op::AllReduce);
@@ -168,8 +182,8 @@ void ThreadCommunicator::all_reduce_sum(float *data, int64_t n) {
 }
 
 void ThreadCommunicator::all_gather(const float *send, int64_t n, float *recv) {
-    group_->publish_and_wait(rank_, {Op::AllGather, n, send, {}});
-    for (int32_t r = 0; r < size(); ++r) std::copy_n(group_->slot(r).send, n, recv + r * n);
+    group_->publish_and_wait(rank_, Op::AllGather, n, send, n);
+    for (int32_t r = 0; r < size(); ++r) std::copy_n(group_->slot(r).data.data(), n, recv + r * n);
     group_->wait_all(rank_, Op::AllGather);
 }
 
@@ -182,7 +196,15 @@ void ThreadCommunicator::all_to_all_v(const float *send, std::span<const int64_t
         invalid_argument(where + "count arrays must have one entry per rank, got " +
                          std::to_string(send_counts.size()) + " and " + std::to_string(recv_counts.size()));
     }
-    group_->publish_and_wait(rank_, {Op::AllToAll, 0, send, send_counts});
+    int64_t total = 0;
+    for (int64_t c : send_counts) {
+        if (c < 0) {
+            abort(where + "negative count");
+            invalid_argument(where + "negative count " + std::to_string(c));
+        }
+        total += c;
+    }
+    group_->publish_and_wait(rank_, Op::AllToAll, 0, send, total, send_counts);
     std::string mismatch;
     int64_t out = 0;
     for (int32_t p = 0; p < size(); ++p) {
@@ -194,14 +216,14 @@ void ThreadCommunicator::all_to_all_v(const float *send, std::span<const int64_t
                        " floats but rank " + std::to_string(rank_) + " expects " + std::to_string(recv_counts[p]);
             break;
         }
-        std::copy_n(peer.send + offset, recv_counts[p], recv + out);
+        std::copy_n(peer.data.data() + offset, recv_counts[p], recv + out);
         out += recv_counts[p];
     }
     if (!mismatch.empty()) abort("all_to_all_v: " + mismatch);
     group_->wait_all(rank_, Op::AllToAll);
 }
 
-void ThreadCommunicator::barrier() { group_->publish_and_wait(rank_, {Op::Barrier, 0, nullptr, {}}); }
+void ThreadCommunicator::barrier() { group_->publish_and_wait(rank_, Op::Barrier, 0, nullptr, 0); }
 
 void ThreadCommunicator::abort(const std::string &reason) noexcept { group_->abort(rank_, reason); }
 
