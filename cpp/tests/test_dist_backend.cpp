@@ -102,12 +102,17 @@ void expect_same_as_one_rank(const std::string &dir, Layout layout) {
         SeqRun a(*one, max_len), b(*sharded, max_len);
         // The sharded run prefills in chunks of 7: its KV cache is read back across steps.
         std::vector<float> la = a.feed(c.prompt, c.prompt.size(), vocab), lb = b.feed(c.prompt, 7, vocab);
+        bool binding = true;
         for (size_t step = 0; step < std::min(kGreedySteps, c.greedy.size()); ++step) {
             SCOPED_TRACE("prompt of " + std::to_string(c.prompt.size()) + ", greedy step " + std::to_string(step));
             EXPECT_LE(max_abs_diff(la, lb), kShardTolerance);
             const int32_t next = argmax(la);
             ASSERT_EQ(argmax(lb), next);
-            if (c.margins[step] > kMarginFloor) EXPECT_EQ(next, c.greedy[step]);
+            // The reference's ids bind up to its first near-tie; one rank's argmax is followed after it.
+            binding = binding && c.margins[step] > kMarginFloor;
+            if (binding) {
+                EXPECT_EQ(next, c.greedy[step]);
+            }
             la = a.feed({next}, 1, vocab);
             lb = b.feed({next}, 1, vocab);
         }

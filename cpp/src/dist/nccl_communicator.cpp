@@ -253,7 +253,9 @@ std::vector<std::unique_ptr<NcclCommunicator>> NcclCommunicator::create_local(co
             if (c) ncclCommAbort(c);
         fail(DBRX_ERR_ENGINE_DEAD, "NCCL init of " + ranks + ": " + why);
     };
-    if (!pending(first)) abort_all(ncclGetErrorString(first));
+    // ncclGetLastError holds NCCL's own explanation (e.g. two ranks on one device).
+    auto explain = [](ncclResult_t r) { return std::string(ncclGetErrorString(r)) + ": " + ncclGetLastError(nullptr); };
+    if (!pending(first)) abort_all(explain(first));
     const auto start = Clock::now(), deadline = start + timeout;
     for (int32_t i = 0; i < local; ++i) {
         ncclResult_t async = ncclInProgress;
@@ -263,7 +265,7 @@ std::vector<std::unique_ptr<NcclCommunicator>> NcclCommunicator::create_local(co
                 abort_all("timed out after " + num(timeout.count()) + " ms waiting for the other ranks");
             if (async == ncclInProgress) back_off(start);
         }
-        if (async != ncclSuccess) abort_all(ncclGetErrorString(async));
+        if (async != ncclSuccess) abort_all(explain(async));
     }
 
     auto shared = std::make_shared<LocalAbort>();
