@@ -42,7 +42,7 @@ object RequestParser {
         rejectUnsupported(endpoint, f)
         val prompts = if (endpoint == Endpoint.CHAT) listOf(chatPrompt(f)) else completionPrompts(f)
         val n = f.int("n", 1, Int.MAX_VALUE.toLong())?.toInt() ?: 1
-        if (n * prompts.size > limits.maxN) {
+        if (n.toLong() * prompts.size > limits.maxN) {
             val what = if (prompts.size > 1) "n ($n) times ${prompts.size} prompts" else "n ($n)"
             throw ApiError.invalid("n", "$what exceeds this server's limit of ${limits.maxN} choices per request")
         }

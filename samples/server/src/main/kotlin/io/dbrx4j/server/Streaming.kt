@@ -34,7 +34,7 @@ class Streaming(private val server: DbrxServer) {
         var firstToken = true
         try {
             gen.start(server.pumpScope)
-            // Applied to each event; returns the chunks to send (streaming) or nothing.
+            // Drains the events until every choice has ended; the callbacks write (streaming) or do nothing.
             suspend fun consume(onToken: suspend (ChoiceState, Token) -> Unit, onEnd: suspend (ChoiceState) -> Unit) {
                 var open = choices.size
                 for (ev in gen.events) {
@@ -47,7 +47,6 @@ class Streaming(private val server: DbrxServer) {
                             } else if (c.lastTokenNanos != 0L) {
                                 metrics.interTokenLatency.observe((ev.nanos - c.lastTokenNanos) / 1e9)
                             }
-                            if (c.lastTokenNanos == 0L && !firstToken) c.lastTokenNanos = ev.nanos
                             c.lastTokenNanos = ev.nanos
                             c.tokens.add(ev.token)
                             metrics.completionTokens.increment()
