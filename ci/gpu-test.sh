@@ -4,8 +4,8 @@
 # full-width benchmarks and, in the same run, the PyTorch peers, and ends with one table
 # ours / floor / peer.
 #   ci/gpu-test.sh [--stages build,tests,bench,peers[,profile]] [--layers N] [--quick] [--budget SECONDS]
-# Logs and results go to $OUT (default ./gpu-out): build.log, cuda-tests.log, bench.log, bench.json,
-# peers.log, peers.json, table.md. Each stage gets what is left of --budget (default 570 s), so a
+# Logs and results go to $OUT (default ./gpu-out): summary.txt, cuda-tests.log, bench.log, bench.json,
+# peers.log, peers.json, profile.log, table.md (build.log when the build fails). Each stage gets what is left of --budget (default 570 s), so a
 # slow stage cannot eat the whole run. Needs .deps (ci/deps.sh --vendor) where the machine lacks
 # nlohmann-json and GoogleTest.
 set -uo pipefail
@@ -44,13 +44,14 @@ step() {  # step NAME LOG COMMAND...: runs under the remaining budget, tees the 
 }
 
 . ci/cuda-env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/summary.txt"
 jobs=$(nproc)
 build=build-gpu
 if has build; then
-  cmake -S . -B $build -G Ninja -DDBRX_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >"$out/configure.log" 2>&1 \
-    || { tail -30 "$out/configure.log"; exit 1; }
+  cmake -S . -B $build -G Ninja -DDBRX_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >"$out/build.log" 2>&1 \
+    || { tail -30 "$out/build.log"; exit 1; }
   step build build.log cmake --build $build -j"$jobs" --target dbrx_cuda_tests dbrx_cli || exit 1
+  rm -f "$out/build.log"  # only 8 files come back from the machine; keep the build log on failure only
 fi
 if has tests; then
   step tests cuda-tests.log $build/bin/dbrx_cuda_tests --gtest_color=no
@@ -61,9 +62,11 @@ fi
 if has profile; then
   # Per-kernel time and memory throughput of one decode-sized MoE layer and attention (Nsight Compute;
   # clocks left as they are).
-  step profile profile.log ncu --clock-control none --section SpeedOfLight \
-    -k 'regex:moe_|gemv_|attention|flash|route|permute|gather' --launch-count 24 \
-    $build/bin/dbrx bench --synthetic dbrx --layers 1 --quick
+  step profile profile.log bash -c "
+    ncu --clock-control none --section SpeedOfLight -k 'regex:moe_|gemv_|route|permute|gather' --launch-count 8 \
+      $build/bin/dbrx bench --synthetic dbrx --layers 1 --quick | grep -E '^  [a-z_ ]+|Duration|DRAM Through'
+    ncu --clock-control none --section SpeedOfLight -k 'regex:attention_kernel|flash_prefill' --launch-count 4 \
+      $build/bin/dbrx bench --synthetic dbrx --layers 1 --quick | grep -E '^  [a-z_ ]+|Duration|DRAM Through|Compute'"
 fi
 if has peers; then
   export PYTHONUNBUFFERED=1

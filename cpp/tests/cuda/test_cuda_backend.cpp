@@ -137,12 +137,15 @@ TEST_P(CudaConformance, ChunkingBatchingAndMoePathAgree) {
         Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
         alone.push_back(feed(*f.backend, *pool, s, f.cases[ci].prompt, 0, V));
     }
-    // Chunks of 7 tokens.
-    for (size_t ci = 0; ci < f.cases.size(); ++ci) {
-        Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
-        auto got = feed(*f.backend, *pool, s, f.cases[ci].prompt, 7, V);
-        EXPECT_LE(max_abs_diff(got, alone[ci]), 2e-2) << "chunked prefill, case " << ci;
-    }
+    // Chunks of 7 tokens (the split-K kernel) and of 20 (flash attention over a cached prefix). Chunks
+    // below kFlashMinTokens take a different attention kernel (fp32 P instead of bf16) than the whole
+    // prompt, so these are held to half the reference tolerance rather than to bitwise equality.
+    for (size_t chunk : {size_t{7}, size_t{20}})
+        for (size_t ci = 0; ci < f.cases.size(); ++ci) {
+            Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
+            auto got = feed(*f.backend, *pool, s, f.cases[ci].prompt, chunk, V);
+            EXPECT_LE(max_abs_diff(got, alone[ci]), 5e-2) << "prefill in chunks of " << chunk << ", case " << ci;
+        }
     // All prompts in one batch, in the second half of the pool.
     std::vector<Seq> seqs;
     std::vector<SeqStep> steps;

@@ -42,29 +42,42 @@ __global__ void __launch_bounds__(kWarps * 32)
             qr[g][i] = (g < G && dim < hd) ? q[(static_cast<int64_t>(t) * n_heads + kvh * G + g) * hd + dim] * scale : 0.f;
         }
     }
-    for (int32_t j = begin + warp; j < end; j += kWarps) {
-        const int64_t off = table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd;
-        const uint16_t *kp = kv.base + off, *vp = kv.base + off + kv.v_offset;
-        float kr[kPerLane], vr[kPerLane];
+    // Each warp takes kGroup consecutive keys at a time and loads them all before using them, so
+    // several loads are in flight per lane (the softmax update itself is sequential per key).
+    constexpr int kGroup = kPerLane <= 4 ? 4 : 2;
+    for (int32_t j0 = begin + warp * kGroup; j0 < end; j0 += kWarps * kGroup) {
+        float kr[kGroup][kPerLane], vr[kGroup][kPerLane];
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-            const int dim = lane + 32 * i;
-            kr[i] = dim < hd ? bf16f(kp[dim]) : 0.f;
-            vr[i] = dim < hd ? bf16f(vp[dim]) : 0.f;
+        for (int u = 0; u < kGroup; ++u) {
+            const int32_t j = j0 + u;
+            const bool ok = j < end;
+            const int64_t off =
+                ok ? table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd : 0;
+            const uint16_t *kp = kv.base + off, *vp = kv.base + off + kv.v_offset;
+#pragma unroll
+            for (int i = 0; i < kPerLane; ++i) {
+                const int dim = lane + 32 * i;
+                kr[u][i] = ok && dim < hd ? bf16f(kp[dim]) : 0.f;
+                vr[u][i] = ok && dim < hd ? bf16f(vp[dim]) : 0.f;
+            }
         }
 #pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-            if (g >= G) break;
-            float s = 0.f;
+        for (int u = 0; u < kGroup; ++u) {
+            if (j0 + u >= end) break;
 #pragma unroll
-            for (int i = 0; i < kPerLane; ++i) s += qr[g][i] * kr[i];
-            s = warp_sum(s);
-            const float m_new = fmaxf(m[g], s);
-            const float corr = expf(m[g] - m_new), p = expf(s - m_new);
-            l[g] = l[g] * corr + p;
+            for (int g = 0; g < kMaxGroup; ++g) {
+                if (g >= G) break;
+                float s = 0.f;
 #pragma unroll
-            for (int i = 0; i < kPerLane; ++i) acc[g][i] = acc[g][i] * corr + p * vr[i];
-            m[g] = m_new;
+                for (int i = 0; i < kPerLane; ++i) s += qr[g][i] * kr[u][i];
+                s = warp_sum(s);
+                const float m_new = fmaxf(m[g], s);
+                const float corr = expf(m[g] - m_new), p = expf(s - m_new);
+                l[g] = l[g] * corr + p;
+#pragma unroll
+                for (int i = 0; i < kPerLane; ++i) acc[g][i] = acc[g][i] * corr + p * vr[u][i];
+                m[g] = m_new;
+            }
         }
     }
     // Merge the warps' states through shared memory, then write this split's partial state.

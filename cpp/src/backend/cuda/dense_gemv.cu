@@ -61,9 +61,55 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 }
 
+// Few output rows (the router: N = n_experts): the 8 warps of a block split K for one row each pair
+// and combine their partial sums in a fixed order, so 16 rows still spread over many SMs.
+template <int NT>
+__global__ void __launch_bounds__(kWarps * 32)
+    gemv_ksplit_kernel(const uint16_t *x, int32_t T, int32_t K, const uint16_t *w, int32_t N, float *y, float beta) {
+    __shared__ float part[kWarps][NT];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int32_t n = blockIdx.x, vecs = K / 8;
+    const int32_t per_warp = (vecs + kWarps - 1) / kWarps;
+    const int32_t c0 = warp * per_warp, c1 = min(vecs, c0 + per_warp);
+    const uint4 *wr = reinterpret_cast<const uint4 *>(w) + static_cast<int64_t>(n) * vecs;
+    const uint4 *xv = reinterpret_cast<const uint4 *>(x);
+    float acc[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t] = 0.f;
+    for (int32_t c = c0 + lane; c < c1; c += 32) {
+        float f[8];
+        unpack8(load_stream(wr + c), f);
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+            if (t >= T) break;
+            float xf[8];
+            unpack8(xv[static_cast<int64_t>(t) * vecs + c], xf);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) acc[t] += f[i] * xf[i];
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        const float s = warp_sum(acc[t]);
+        if (lane == 0) part[warp][t] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < T) {
+        float s = 0.f;
+        for (int w8 = 0; w8 < kWarps; ++w8) s += part[w8][threadIdx.x];
+        float *dst = y + static_cast<int64_t>(threadIdx.x) * N + n;
+        *dst = beta == 0.f ? s : beta * *dst + s;
+    }
+}
+
 template <int NT>
 void launch(const bf16_t *x, int32_t T, int32_t K, const bf16_t *w, int32_t N, float *y, float beta,
             cudaStream_t stream) {
+    if (N < 1024) {
+        gemv_ksplit_kernel<NT><<<N, kWarps * 32, 0, stream>>>(x, T, K, w, N, y, beta);
+        DBRX_CUDA_LAUNCH_CHECK();
+        return;
+    }
     const size_t smem = static_cast<size_t>(T) * K * sizeof(bf16_t);
     DBRX_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(NT * static_cast<size_t>(K) * sizeof(bf16_t))));

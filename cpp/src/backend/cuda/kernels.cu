@@ -153,11 +153,13 @@ __global__ void unpermute_kernel(const float *y, int32_t n_parts, int64_t part_s
                                  const float *weights, int32_t k, int32_t d, float *h) {
     const int32_t t = blockIdx.x;
     float *out = h + static_cast<int64_t>(t) * d;
-    for (int32_t c = threadIdx.x; c < d; c += blockDim.x) {
+    // grid.y splits the columns: at decode sizes one block per token would read all partials alone.
+    for (int32_t c = blockIdx.y * blockDim.x + threadIdx.x; c < d; c += gridDim.y * blockDim.x) {
         float acc = 0.f;
         for (int32_t r = 0; r < k; ++r) {
             const int64_t row = perm_row[t * k + r];
             float s = 0.f;
+#pragma unroll 8
             for (int32_t p = 0; p < n_parts; ++p) s += y[p * part_stride + row * d + c];
             acc += weights[t * k + r] * s;
         }
@@ -256,7 +258,9 @@ void silu_mul(const float *gu, bf16_t *g, int32_t n_rows, int32_t ffn, cudaStrea
 void moe_unpermute(const float *y, int32_t n_parts, int64_t part_stride, const int32_t *perm_row,
                    const float *weights, int32_t n_tokens, int32_t top_k, int32_t d, float *h, cudaStream_t stream) {
     if (n_tokens == 0) return;
-    unpermute_kernel<<<n_tokens, 256, 0, stream>>>(y, n_parts, part_stride, perm_row, weights, top_k, d, h);
+    const int32_t col_blocks = (d + 127) / 128;
+    unpermute_kernel<<<dim3(n_tokens, n_tokens >= 64 ? 1 : col_blocks), 128, 0, stream>>>(y, n_parts, part_stride,
+                                                                                      perm_row, weights, top_k, d, h);
     DBRX_CUDA_LAUNCH_CHECK();
 }
 
