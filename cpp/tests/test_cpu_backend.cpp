@@ -274,7 +274,7 @@ TEST_F(CpuBackendChecks, KvSizing) {
     EXPECT_EQ(pool->n_blocks(), 5);
     EXPECT_EQ(pool->block_size(), 16);
     expect_error([&] { backend_->create_kv_pool(0, 16); }, DBRX_ERR_INVALID_ARGUMENT, "n_blocks");
-    // 2^31 blocks of 2^20 tokens overflow; 2^22 blocks of 2^16 tokens (a few PiB) cannot be allocated.
+    // 2^31 blocks of 2^20 tokens would overflow; 2^22 blocks of 2^16 tokens (512 TiB) exceed any host.
     expect_error([&] { backend_->create_kv_pool(INT32_MAX, 1 << 20); }, DBRX_ERR_OUT_OF_MEMORY, "KV pool");
     expect_error([&] { backend_->create_kv_pool(1 << 22, 1 << 16); }, DBRX_ERR_OUT_OF_MEMORY, "KV pool");
 }

@@ -1,6 +1,5 @@
 #include "backend/cpu/cpu_kv_pool.h"
 
-#include <limits>
 #include <new>
 #include <string>
 
@@ -15,10 +14,13 @@ CpuKvPool::CpuKvPool(int32_t n_layers, int32_t n_blocks, int32_t block_size, int
                          std::to_string(block_size) + ") must be positive");
     const std::string what = "CPU KV pool of " + std::to_string(n_blocks) + " blocks of " +
                              std::to_string(block_size) + " tokens";
-    // Sizes come from callers: check the product before it can overflow.
+    // Sizes come from callers: refuse absurd products before they overflow or reach the allocator
+    // (sanitizer allocators abort on such requests instead of throwing).
+    constexpr long double kMaxBytes = static_cast<long double>(int64_t{1} << 46);  // 64 TiB
     long double floats = static_cast<long double>(n_layers) * n_blocks * 2 * block_floats();
-    if (floats * sizeof(float) > static_cast<long double>(std::numeric_limits<int64_t>::max() / 2))
-        fail(DBRX_ERR_OUT_OF_MEMORY, what + ": size overflows");
+    if (floats * sizeof(float) > kMaxBytes)
+        fail(DBRX_ERR_OUT_OF_MEMORY, what + ": " + std::to_string(static_cast<double>(floats * sizeof(float))) +
+                                         " bytes is beyond any host");
     try {
         data_ = std::make_unique_for_overwrite<float[]>(static_cast<size_t>(floats));
     } catch (const std::bad_alloc &) {
