@@ -29,7 +29,7 @@ using namespace std::chrono_literals;
 constexpr int32_t kBlockSize = 16;
 constexpr float kShardTolerance = 1e-5f;
 constexpr double kMarginFloor = 1e-2;  // reference greedy ids are binding where the margin exceeds it
-constexpr size_t kGreedySteps = 5;
+constexpr size_t kGreedySteps = 24;  // every reference greedy step of both fixtures
 
 const char *const kFixtures[] = {DBRX_SOURCE_DIR "/fixtures/tiny-dbrx", DBRX_SOURCE_DIR "/models/tiny-dbrx-cl100k"};
 
