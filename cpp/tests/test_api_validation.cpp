@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 
@@ -296,7 +297,10 @@ TEST_F(ApiValidation, GenerateRunsOneRequestAndCapsItsLength) {
 TEST(Api, StatusNamesVersionAndLoadErrors) {
     EXPECT_STREQ(dbrx_status_name(DBRX_OK), "OK");
     EXPECT_STREQ(dbrx_status_name(DBRX_ERR_ENGINE_DEAD), "ENGINE_DEAD");
-    EXPECT_STREQ(dbrx_status_name(static_cast<dbrx_status>(99)), "UNKNOWN_STATUS");
+    dbrx_status unknown;
+    const int32_t code = 99;
+    std::memcpy(&unknown, &code, sizeof(code));
+    EXPECT_STREQ(dbrx_status_name(unknown), "UNKNOWN_STATUS");
     EXPECT_STREQ(dbrx_version(), "0.1.0");
     dbrx_model_params p = dbrx_model_default_params();
     dbrx_model *m = reinterpret_cast<dbrx_model *>(0x1);
@@ -309,7 +313,8 @@ TEST(Api, StatusNamesVersionAndLoadErrors) {
     p.n_threads = -1;
     EXPECT_EQ(dbrx_model_load("/x", &p, &m), DBRX_ERR_INVALID_ARGUMENT);
     p = dbrx_model_default_params();
-    p.device = static_cast<dbrx_device>(7);
+    const int32_t not_a_device = 7;  // as a C caller could pass it
+    std::memcpy(&p.device, &not_a_device, sizeof(not_a_device));
     EXPECT_EQ(dbrx_model_load("/x", &p, &m), DBRX_ERR_INVALID_ARGUMENT);
 }
 

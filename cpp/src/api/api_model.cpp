@@ -1,5 +1,6 @@
 // C API: errors, version, device query, model loading.
 #include <algorithm>
+#include <cstring>
 #include <string>
 
 #include "api/api_guard.h"
@@ -36,7 +37,10 @@ extern "C" {
 DBRX_API const char *dbrx_last_error(void) { return dbrx::api::g_last_error.c_str(); }
 
 DBRX_API const char *dbrx_status_name(dbrx_status status) {
-    switch (status) {
+    int32_t code = 0;  // any integer a C caller passes, without loading it as the enum
+    static_assert(sizeof(code) == sizeof(status));
+    std::memcpy(&code, &status, sizeof(code));
+    switch (code) {
         case DBRX_OK: return "OK";
         case DBRX_ERR_INVALID_ARGUMENT: return "INVALID_ARGUMENT";
         case DBRX_ERR_BAD_CHECKPOINT: return "BAD_CHECKPOINT";
@@ -82,8 +86,12 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
         require(dir, "dir");
         require(params, "params");
         const dbrx_model_params &p = *params;
-        if (p.device != DBRX_DEVICE_CPU && p.device != DBRX_DEVICE_CUDA)
-            dbrx::invalid_argument("params.device = " + std::to_string(static_cast<int>(p.device)) + " is not a dbrx_device");
+        // Read as an integer: a C caller may pass any value, which C++ may not load as the enum.
+        int32_t device = 0;
+        static_assert(sizeof(device) == sizeof(p.device));
+        std::memcpy(&device, &p.device, sizeof(device));
+        if (device != DBRX_DEVICE_CPU && device != DBRX_DEVICE_CUDA)
+            dbrx::invalid_argument("params.device = " + std::to_string(device) + " is not a dbrx_device");
         if (p.n_threads < 0) dbrx::invalid_argument("params.n_threads must be >= 0, got " + std::to_string(p.n_threads));
         if (p.device_id < 0) dbrx::invalid_argument("params.device_id must be >= 0, got " + std::to_string(p.device_id));
         if (p.tensor_parallel < 1 || p.expert_parallel < 1)
