@@ -25,6 +25,10 @@ data class ServerConfig(
     val kvCacheBytes: Long = 0,
     val kvBlocks: Int = 0,
     val maxContext: Int = 0,
+    /** Engine knobs; null keeps the engine's defaults. */
+    val engineMaxRunning: Int? = null,
+    val engineMaxWaiting: Int? = null,
+    val maxBatchTokens: Int? = null,
     /** HTTP requests generating at once; more wait in the queue. */
     val maxConcurrent: Int = 64,
     /** HTTP requests waiting for a slot; beyond it requests get 429. */
@@ -41,6 +45,11 @@ data class ServerConfig(
         .device(device).deviceId(deviceId).threads(threads)
         .tensorParallel(tensorParallel).expertParallel(expertParallel)
         .kvCacheBytes(kvCacheBytes).kvBlocks(kvBlocks).maxContext(maxContext)
+        .apply {
+            engineMaxRunning?.let { maxRunning(it) }
+            engineMaxWaiting?.let { maxWaiting(it) }
+            maxBatchTokens?.let { maxBatchTokens(it) }
+        }
         .build()
 
     companion object {
@@ -59,6 +68,9 @@ data class ServerConfig(
             Triple("kv-cache-bytes", "DBRX_KV_CACHE_BYTES", "KV-cache pool in bytes, suffixes k/m/g (default: engine's share)"),
             Triple("kv-blocks", "DBRX_KV_BLOCKS", "KV-cache pool in blocks (overrides --kv-cache-bytes)"),
             Triple("max-context", "DBRX_MAX_CONTEXT", "per-request context limit (default: the model's)"),
+            Triple("engine-max-running", "DBRX_ENGINE_MAX_RUNNING", "sequences in the engine's running batch (default: engine's, 256)"),
+            Triple("engine-max-waiting", "DBRX_ENGINE_MAX_WAITING", "sequences queued in the engine before 429 (default: engine's, 4096)"),
+            Triple("max-batch-tokens", "DBRX_MAX_BATCH_TOKENS", "tokens per engine step (default: engine's, 2048)"),
             Triple("max-concurrent", "DBRX_MAX_CONCURRENT", "requests generating at once (default 64)"),
             Triple("max-queue", "DBRX_MAX_QUEUE", "requests waiting beyond that before 429 (default 256)"),
             Triple("max-body-bytes", "DBRX_MAX_BODY_BYTES", "largest request body, suffixes k/m/g (default 1m)"),
@@ -112,6 +124,9 @@ data class ServerConfig(
                 kvCacheBytes = bytes("kv-cache-bytes", d.kvCacheBytes),
                 kvBlocks = int("kv-blocks", d.kvBlocks),
                 maxContext = int("max-context", d.maxContext),
+                engineMaxRunning = values["engine-max-running"]?.let { int("engine-max-running", 0, 1) },
+                engineMaxWaiting = values["engine-max-waiting"]?.let { int("engine-max-waiting", 0, 1) },
+                maxBatchTokens = values["max-batch-tokens"]?.let { int("max-batch-tokens", 0, 1) },
                 maxConcurrent = int("max-concurrent", d.maxConcurrent, 1),
                 maxQueue = int("max-queue", d.maxQueue),
                 maxBodyBytes = bytes("max-body-bytes", d.maxBodyBytes).also { require(it >= 1024) { "--max-body-bytes must be >= 1024" } },

@@ -61,4 +61,21 @@ class LifecycleTest {
             assertEquals("engine_dead", errorCode(r))
         }
     }
+
+    @Test
+    fun `the engine's own queue limit answers 429 and leaves nothing behind`() {
+        // One running and one waiting sequence at most: the third choice of a request cannot be queued.
+        val config = TestServer.config().copy(engineMaxRunning = 1, engineMaxWaiting = 1)
+        TestServer(config).use { s ->
+            s.awaitReady()
+            val r = s.send(Endpoint.COMPLETIONS.path, """{"model":"tiny-dbrx-cl100k","prompt":"full","max_tokens":1000,"n":3}""")
+            assertEquals(429, r.statusCode(), r.body())
+            assertEquals("queue_full", errorCode(r))
+            val deadline = System.nanoTime() + 30_000_000_000L
+            while (s.host.stats()!!.let { it.running + it.waiting + it.blocksUsed } != 0 && System.nanoTime() < deadline) Thread.sleep(20)
+            val stats = s.host.stats()!!
+            assertEquals(0, stats.running + stats.waiting + stats.blocksUsed, "$stats")
+            assertEquals(200, s.send(Endpoint.COMPLETIONS.path, body).statusCode())
+        }
+    }
 }

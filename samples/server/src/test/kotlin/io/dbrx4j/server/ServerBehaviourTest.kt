@@ -80,6 +80,8 @@ class ServerBehaviourTest {
         assertEquals(1L shl 30, c.kvCacheBytes)
         assertEquals(3, c.maxN)
         assertEquals(1L shl 30, c.loadOptions().kvCacheBytes)
+        assertEquals(null, c.loadOptions().maxRunning)
+        assertEquals(7, ServerConfig.parse(arrayOf("--engine-max-running", "7"), env).loadOptions().maxRunning)
         val unknown = assertThrows(IllegalArgumentException::class.java) { ServerConfig.parse(arrayOf("--model-dir", "m", "--bogus", "1"), emptyMap()) }
         assertTrue(unknown.message!!.contains("--bogus"))
         val bad = assertThrows(IllegalArgumentException::class.java) { ServerConfig.parse(arrayOf("--model-dir", "m", "--port", "eighty"), emptyMap()) }
