@@ -42,42 +42,29 @@ __global__ void __launch_bounds__(kWarps * 32)
             qr[g][i] = (g < G && dim < hd) ? q[(static_cast<int64_t>(t) * n_heads + kvh * G + g) * hd + dim] * scale : 0.f;
         }
     }
-    // Each warp takes kGroup consecutive keys at a time and loads them all before using them, so
-    // several loads are in flight per lane (the softmax update itself is sequential per key).
-    constexpr int kGroup = kPerLane <= 4 ? 4 : 2;
-    for (int32_t j0 = begin + warp * kGroup; j0 < end; j0 += kWarps * kGroup) {
-        float kr[kGroup][kPerLane], vr[kGroup][kPerLane];
+    for (int32_t j = begin + warp; j < end; j += kWarps) {
+        const int64_t off = table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd;
+        const uint16_t *kp = kv.base + off, *vp = kv.base + off + kv.v_offset;
+        float kr[kPerLane], vr[kPerLane];
 #pragma unroll
-        for (int u = 0; u < kGroup; ++u) {
-            const int32_t j = j0 + u;
-            const bool ok = j < end;
-            const int64_t off =
-                ok ? table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd : 0;
-            const uint16_t *kp = kv.base + off, *vp = kv.base + off + kv.v_offset;
-#pragma unroll
-            for (int i = 0; i < kPerLane; ++i) {
-                const int dim = lane + 32 * i;
-                kr[u][i] = ok && dim < hd ? bf16f(kp[dim]) : 0.f;
-                vr[u][i] = ok && dim < hd ? bf16f(vp[dim]) : 0.f;
-            }
+        for (int i = 0; i < kPerLane; ++i) {
+            const int dim = lane + 32 * i;
+            kr[i] = dim < hd ? bf16f(kp[dim]) : 0.f;
+            vr[i] = dim < hd ? bf16f(vp[dim]) : 0.f;
         }
 #pragma unroll
-        for (int u = 0; u < kGroup; ++u) {
-            if (j0 + u >= end) break;
+        for (int g = 0; g < kMaxGroup; ++g) {
+            if (g >= G) break;
+            float s = 0.f;
 #pragma unroll
-            for (int g = 0; g < kMaxGroup; ++g) {
-                if (g >= G) break;
-                float s = 0.f;
+            for (int i = 0; i < kPerLane; ++i) s += qr[g][i] * kr[i];
+            s = warp_sum(s);
+            const float m_new = fmaxf(m[g], s);
+            const float corr = expf(m[g] - m_new), p = expf(s - m_new);
+            l[g] = l[g] * corr + p;
 #pragma unroll
-                for (int i = 0; i < kPerLane; ++i) s += qr[g][i] * kr[u][i];
-                s = warp_sum(s);
-                const float m_new = fmaxf(m[g], s);
-                const float corr = expf(m[g] - m_new), p = expf(s - m_new);
-                l[g] = l[g] * corr + p;
-#pragma unroll
-                for (int i = 0; i < kPerLane; ++i) acc[g][i] = acc[g][i] * corr + p * vr[u][i];
-                m[g] = m_new;
-            }
+            for (int i = 0; i < kPerLane; ++i) acc[g][i] = acc[g][i] * corr + p * vr[i];
+            m[g] = m_new;
         }
     }
     // Merge the warps' states through shared memory, then write this split's partial state.
@@ -113,6 +100,111 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
         out[2 + dim] = A;
     }
+}
+
+// head_dim <= 128: one key per thread for the scores (no per-key warp reductions), then one
+// output dimension per thread for P V, in chunks of kChunk keys with an online softmax across
+// chunks. K and V are read once per block for all G query heads of the KV head.
+constexpr int kChunk = 128;
+
+__global__ void __launch_bounds__(kChunk)
+    attention_keys_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float scale,
+                          float *scratch, const int32_t *tok_list) {
+    const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, kvh = blockIdx.y, split = blockIdx.z;
+    const int32_t hd = kv.head_dim, G = n_heads / kv.n_kv_heads, bs = kv.block_size, tid = threadIdx.x;
+    const int32_t ctx = meta.pos[t] + 1;
+    const int32_t chunk = (ctx + splits - 1) / splits;
+    const int32_t begin = split * chunk, end = min(ctx, begin + chunk);
+    const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
+    __shared__ float qs[kMaxGroup][128];
+    __shared__ float ps[kMaxGroup][kChunk];
+    __shared__ float red[kMaxGroup][kChunk / 32];
+    __shared__ int64_t offs[kChunk];
+    for (int32_t i = tid; i < G * hd; i += kChunk)
+        qs[i / hd][i % hd] = q[(static_cast<int64_t>(t) * n_heads + kvh * G) * hd + i] * scale;
+    float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+        acc[g] = 0.f;
+    }
+    __syncthreads();
+    for (int32_t c0 = begin; c0 < end; c0 += kChunk) {
+        const int32_t j = c0 + tid, n = min(kChunk, end - c0);
+        float sc[kMaxGroup];
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) sc[g] = -INFINITY;
+        if (tid < n) {
+            const int64_t off = table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd;
+            offs[tid] = off;
+            const uint4 *kp = reinterpret_cast<const uint4 *>(kv.base + off);
+#pragma unroll
+            for (int g = 0; g < kMaxGroup; ++g) sc[g] = 0.f;
+            for (int32_t v8 = 0; v8 < hd / 8; ++v8) {
+                float kf[8];
+                unpack8(kp[v8], kf);
+#pragma unroll
+                for (int g = 0; g < kMaxGroup; ++g) {
+                    if (g >= G) break;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) sc[g] += qs[g][v8 * 8 + i] * kf[i];
+                }
+            }
+        }
+        // Chunk maximum per head (block reduction), new running max, probabilities into shared memory.
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+            if (g >= G) break;
+            const float w = warp_max(sc[g]);
+            if (tid % 32 == 0) red[g][tid / 32] = w;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+            if (g >= G) break;
+            float mx = red[g][0];
+            for (int w = 1; w < kChunk / 32; ++w) mx = fmaxf(mx, red[g][w]);
+            const float m_new = fmaxf(m[g], mx);
+            const float corr = expf(m[g] - m_new);
+            ps[g][tid] = tid < n ? expf(sc[g] - m_new) : 0.f;
+            m[g] = m_new;
+            l[g] *= corr;
+            acc[g] *= corr;
+        }
+        __syncthreads();
+        // Row sums (every thread keeps l for all heads) and P V with one dimension per thread.
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+            if (g >= G) break;
+            float sum = 0.f;
+            for (int32_t i = 0; i < n; ++i) sum += ps[g][i];
+            l[g] += sum;
+        }
+        if (tid < hd) {
+#pragma unroll 8
+            for (int32_t i = 0; i < n; ++i) {
+                const float v = bf16f(kv.base[offs[i] + kv.v_offset + tid]);
+#pragma unroll
+                for (int g = 0; g < kMaxGroup; ++g) {
+                    if (g >= G) break;
+                    acc[g] += ps[g][i] * v;
+                }
+            }
+        }
+        __syncthreads();  // ps, red and offs are rewritten by the next chunk
+    }
+    if (tid < hd)
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+            if (g >= G) break;
+            float *out = partial(scratch, (static_cast<int64_t>(slot) * n_heads + kvh * G + g) * splits + split, hd);
+            if (tid == 0) {
+                out[0] = m[g];
+                out[1] = l[g];
+            }
+            out[2 + tid] = acc[g];
+        }
 }
 
 __global__ void attention_merge_kernel(const float *scratch, int32_t n_heads, int32_t hd, int32_t splits,
@@ -164,7 +256,9 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
     const float scale = 1.0f / sqrtf(static_cast<float>(kv.head_dim));
     float *partials = static_cast<float *>(scratch);
     const dim3 grid(n_tokens, kv.n_kv_heads, splits);
-    if (kv.head_dim <= 32)
+    if (kv.head_dim <= 128 && kv.head_dim % 8 == 0)
+        attention_keys_kernel<<<grid, kChunk, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
+    else if (kv.head_dim <= 32)
         attention_kernel<1><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
     else if (kv.head_dim <= 128)
         attention_kernel<4><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
