@@ -65,7 +65,7 @@ if has profile; then
   step profile profile.log bash -c "
     ncu --clock-control none --section SpeedOfLight -k 'regex:moe_|gemv_|route|permute|gather' --launch-count 8 \
       $build/bin/dbrx bench --synthetic dbrx --layers 1 --quick | grep -E '^  [a-z_ ]+|Duration|DRAM Through'
-    ncu --clock-control none --section SpeedOfLight -k 'regex:attention_kernel|flash_prefill' --launch-count 4 \
+    ncu --clock-control none --section SpeedOfLight -k 'regex:attention_keys|attention_merge|flash_prefill' --launch-count 4 \
       $build/bin/dbrx bench --synthetic dbrx --layers 1 --quick | grep -E '^  [a-z_ ]+|Duration|DRAM Through|Compute'"
 fi
 if has peers; then
