@@ -305,6 +305,38 @@ TEST_F(EngineFake, ForwardFailureFailsOnlyItsBatchAndTheEngineGoesOn) {
     EXPECT_EQ(stats_of(e.get()).blocks_used, 0);
 }
 
+TEST_F(EngineFake, LongPromptIsChunkedAndNeverStallsRunningDecodes) {
+    backend_->log_batches = true;
+    EnginePtr e = make_engine(model_.get(), params(64, 16, 8));
+    auto short_prompt = make_prompt(4, 21);
+    auto long_prompt = make_prompt(300, 22);
+    backend_->step_delay_us = 100;  // the short request runs > 6 ms: the long one arrives meanwhile
+    uint64_t r = submit_ok(e.get(), short_prompt, greedy(60));
+    uint64_t l = submit_ok(e.get(), long_prompt, greedy(3));
+    Outcome ol = drain(e.get(), l, kVocab, false);
+    Outcome orr = drain(e.get(), r, kVocab, false);
+    EXPECT_EQ(ol.ids, fake_reference_greedy(long_prompt, kVocab, 3));
+    EXPECT_EQ(orr.ids, fake_reference_greedy(short_prompt, kVocab, 60));
+    // The long prompt needs more than 40 steps of chunks (at most 8 - 1 tokens each) while the
+    // short one decodes 60 tokens, one a step: every step with a chunk also carried that decode.
+    int chunk_steps = 0;
+    for (const auto &step : backend_->batch_log) {
+        int32_t total = 0;
+        bool chunk = false, decode = false;
+        for (auto [pos0, n_new] : step) {
+            total += n_new;
+            chunk |= n_new > 1;
+            decode |= n_new == 1 && pos0 >= 4 && pos0 < 4 + 60;
+        }
+        EXPECT_LE(total, 8);
+        const bool short_prefill = std::find(step.begin(), step.end(), std::pair<int32_t, int32_t>{0, 4}) != step.end();
+        if (!chunk || short_prefill) continue;
+        ++chunk_steps;
+        EXPECT_TRUE(decode) << "a prefill chunk stalled the running decode";
+    }
+    EXPECT_GE(chunk_steps, 300 / 8);
+}
+
 TEST_F(EngineFake, DeviceLossStopsTheEngine) {
     backend_->fatal_token = 62;
     backend_->step_delay_us = 500;

@@ -15,6 +15,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <utility>
 #include <chrono>
 #include <vector>
 
@@ -98,6 +99,11 @@ public:
         if (step_delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(step_delay_us.load()));
         auto &pool = dynamic_cast<FakeKvPool &>(pool_base);
         forwards.fetch_add(1);
+        if (log_batches) {
+            std::vector<std::pair<int32_t, int32_t>> shape;
+            for (const SeqStep &s : batch) shape.emplace_back(s.pos0, static_cast<int32_t>(s.tokens.size()));
+            batch_log.push_back(std::move(shape));
+        }
         size_t row = 0;
         for (const SeqStep &s : batch) {
             for (size_t i = 0; i < s.tokens.size(); ++i) {
@@ -122,7 +128,9 @@ public:
     std::optional<int32_t> fail_token;  // set before submitting
     std::optional<int32_t> fatal_token; // throws ENGINE_DEAD
     std::optional<int32_t> nan_token;   // a sequence of <= 3 tokens ending in it gets all-NaN logits
-    std::atomic<int32_t> step_delay_us{0};  // makes steps slow enough to cancel mid-request
+    std::atomic<int32_t> step_delay_us{0};
+    bool log_batches = false;  // record (pos0, n_new) of every sequence of every step
+    std::vector<std::vector<std::pair<int32_t, int32_t>>> batch_log;  // read after the engine is idle  // makes steps slow enough to cancel mid-request
 
 private:
     int32_t n_vocab_;
