@@ -102,32 +102,38 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 }
 
-// head_dim <= 128: one key per thread for the scores (no per-key warp reductions), then one
-// output dimension per thread for P V, in chunks of kChunk keys with an online softmax across
-// chunks. K and V are read once per block for all G query heads of the KV head.
+// head_dim <= 128: one key per thread for the scores (no per-key warp reductions), then P V with
+// each warp taking a quarter of the chunk's keys and each lane 4 output dimensions, in chunks of
+// kChunk keys with an online softmax across chunks. K and V are read once per block for all G
+// query heads of the KV head.
 constexpr int kChunk = 128;
+constexpr int kKeyWarps = kChunk / 32;
 
 __global__ void __launch_bounds__(kChunk)
     attention_keys_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float scale,
                           float *scratch, const int32_t *tok_list) {
     const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, kvh = blockIdx.y, split = blockIdx.z;
     const int32_t hd = kv.head_dim, G = n_heads / kv.n_kv_heads, bs = kv.block_size, tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
     const int32_t ctx = meta.pos[t] + 1;
     const int32_t chunk = (ctx + splits - 1) / splits;
     const int32_t begin = split * chunk, end = min(ctx, begin + chunk);
     const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
     __shared__ float qs[kMaxGroup][128];
     __shared__ float ps[kMaxGroup][kChunk];
-    __shared__ float red[kMaxGroup][kChunk / 32];
+    __shared__ float red_max[kMaxGroup][kKeyWarps], red_sum[kMaxGroup][kKeyWarps];
     __shared__ int64_t offs[kChunk];
+    __shared__ float accs[kKeyWarps][kMaxGroup][128];
     for (int32_t i = tid; i < G * hd; i += kChunk)
         qs[i / hd][i % hd] = q[(static_cast<int64_t>(t) * n_heads + kvh * G) * hd + i] * scale;
-    float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup];
+    const bool has_dims = lane * 4 < hd;
+    float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][4];
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {
         m[g] = -INFINITY;
         l[g] = 0.f;
-        acc[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[g][i] = 0.f;
     }
     __syncthreads();
     for (int32_t c0 = begin; c0 < end; c0 += kChunk) {
@@ -141,6 +147,7 @@ __global__ void __launch_bounds__(kChunk)
             const uint4 *kp = reinterpret_cast<const uint4 *>(kv.base + off);
 #pragma unroll
             for (int g = 0; g < kMaxGroup; ++g) sc[g] = 0.f;
+#pragma unroll 4
             for (int32_t v8 = 0; v8 < hd / 8; ++v8) {
                 float kf[8];
                 unpack8(kp[v8], kf);
@@ -152,58 +159,83 @@ __global__ void __launch_bounds__(kChunk)
                 }
             }
         }
-        // Chunk maximum per head (block reduction), new running max, probabilities into shared memory.
+        // Chunk maximum per head (block reduction), then probabilities and their sums.
 #pragma unroll
         for (int g = 0; g < kMaxGroup; ++g) {
             if (g >= G) break;
             const float w = warp_max(sc[g]);
-            if (tid % 32 == 0) red[g][tid / 32] = w;
+            if (lane == 0) red_max[g][warp] = w;
         }
         __syncthreads();
+        float corr[kMaxGroup];
 #pragma unroll
         for (int g = 0; g < kMaxGroup; ++g) {
             if (g >= G) break;
-            float mx = red[g][0];
-            for (int w = 1; w < kChunk / 32; ++w) mx = fmaxf(mx, red[g][w]);
+            float mx = red_max[g][0];
+#pragma unroll
+            for (int w = 1; w < kKeyWarps; ++w) mx = fmaxf(mx, red_max[g][w]);
             const float m_new = fmaxf(m[g], mx);
-            const float corr = expf(m[g] - m_new);
-            ps[g][tid] = tid < n ? expf(sc[g] - m_new) : 0.f;
+            corr[g] = expf(m[g] - m_new);
+            const float p = tid < n ? expf(sc[g] - m_new) : 0.f;
+            ps[g][tid] = p;
+            const float w = warp_sum(p);
+            if (lane == 0) red_sum[g][warp] = w;
             m[g] = m_new;
-            l[g] *= corr;
-            acc[g] *= corr;
         }
         __syncthreads();
-        // Row sums (every thread keeps l for all heads) and P V with one dimension per thread.
 #pragma unroll
         for (int g = 0; g < kMaxGroup; ++g) {
             if (g >= G) break;
             float sum = 0.f;
-            for (int32_t i = 0; i < n; ++i) sum += ps[g][i];
-            l[g] += sum;
+#pragma unroll
+            for (int w = 0; w < kKeyWarps; ++w) sum += red_sum[g][w];
+            l[g] = l[g] * corr[g] + sum;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[g][i] *= corr[g];
         }
-        if (tid < hd) {
+        // P V: this warp's keys, 4 dimensions per lane.
+        if (has_dims) {
+            const int32_t i0 = warp * 32, i1 = min(n, i0 + 32);
 #pragma unroll 8
-            for (int32_t i = 0; i < n; ++i) {
-                const float v = bf16f(kv.base[offs[i] + kv.v_offset + tid]);
+            for (int32_t i = i0; i < i1; ++i) {
+                const uint2 raw = *reinterpret_cast<const uint2 *>(kv.base + offs[i] + kv.v_offset + lane * 4);
+                const float v0 = bf16_lo(raw.x), v1 = bf16_hi(raw.x), v2 = bf16_lo(raw.y), v3 = bf16_hi(raw.y);
 #pragma unroll
                 for (int g = 0; g < kMaxGroup; ++g) {
                     if (g >= G) break;
-                    acc[g] += ps[g][i] * v;
+                    const float p = ps[g][i];
+                    acc[g][0] += p * v0;
+                    acc[g][1] += p * v1;
+                    acc[g][2] += p * v2;
+                    acc[g][3] += p * v3;
                 }
             }
         }
-        __syncthreads();  // ps, red and offs are rewritten by the next chunk
+        __syncthreads();  // ps, red_* and offs are rewritten by the next chunk
     }
-    if (tid < hd)
+    // Sum the warps' P V partials (same running max in every warp), write this split's state.
+    if (has_dims)
+#pragma unroll
+        for (int g = 0; g < kMaxGroup; ++g) {
+            if (g >= G) break;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) accs[warp][g][lane * 4 + i] = acc[g][i];
+        }
+    __syncthreads();
+    for (int32_t idx = tid; idx < G * hd; idx += kChunk) {
+        const int32_t g = idx / hd, dim = idx % hd;
+        float a = 0.f;
+        for (int w = 0; w < kKeyWarps; ++w) a += accs[w][g][dim];
+        float *out = partial(scratch, (static_cast<int64_t>(slot) * n_heads + kvh * G + g) * splits + split, hd);
+        out[2 + dim] = a;
+    }
+    if (tid == 0)
 #pragma unroll
         for (int g = 0; g < kMaxGroup; ++g) {
             if (g >= G) break;
             float *out = partial(scratch, (static_cast<int64_t>(slot) * n_heads + kvh * G + g) * splits + split, hd);
-            if (tid == 0) {
-                out[0] = m[g];
-                out[1] = l[g];
-            }
-            out[2 + tid] = acc[g];
+            out[0] = m[g];
+            out[1] = l[g];
         }
 }
 
@@ -256,7 +288,7 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
     const float scale = 1.0f / sqrtf(static_cast<float>(kv.head_dim));
     float *partials = static_cast<float *>(scratch);
     const dim3 grid(n_tokens, kv.n_kv_heads, splits);
-    if (kv.head_dim <= 128 && kv.head_dim % 8 == 0)
+    if (kv.head_dim <= 128 && kv.head_dim % 8 == 0)  // DBRX (128) and both fixtures (128, 16)
         attention_keys_kernel<<<grid, kChunk, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
     else if (kv.head_dim <= 32)
         attention_kernel<1><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
