@@ -2,6 +2,7 @@
 // batch shape must give each request exactly the logits of its token history.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <thread>
 
@@ -335,6 +336,47 @@ TEST_F(EngineFake, LongPromptIsChunkedAndNeverStallsRunningDecodes) {
         EXPECT_TRUE(decode) << "a prefill chunk stalled the running decode";
     }
     EXPECT_GE(chunk_steps, 300 / 8);
+}
+
+TEST_F(EngineFake, ManyCallerThreadsSubmitPollCancelAndRelease) {
+    backend_->step_delay_us = 50;
+    EnginePtr e = make_engine(model_.get(), params(24, 16, 64));  // small: preemption under load
+    std::vector<std::thread> callers;
+    std::atomic<int> wrong{0}, cancelled{0}, finished{0};
+    for (int t = 0; t < 8; ++t) {
+        callers.emplace_back([&, t] {
+            for (int k = 0; k < 6; ++k) {
+                auto p = make_prompt(5 + 13 * ((t + k) % 7), 1000 + 10 * t + k);
+                uint64_t id = submit_ok(e.get(), p, greedy(20));
+                if ((t + k) % 3 == 0) {
+                    EXPECT_EQ(dbrx_engine_cancel(e.get(), id), DBRX_OK);
+                    Outcome o = drain(e.get(), id, kVocab, false);
+                    auto expected = fake_reference_greedy(p, kVocab, 20);
+                    // Whatever was produced before the cancel is a correct prefix.
+                    wrong += !std::equal(o.ids.begin(), o.ids.end(), expected.begin());
+                    cancelled += o.finish == DBRX_FINISH_CANCELLED;
+                    finished += o.finish == DBRX_FINISH_LENGTH;
+                } else if ((t + k) % 3 == 1) {
+                    EXPECT_EQ(dbrx_engine_release(e.get(), id), DBRX_OK);  // abandon it running
+                } else {
+                    Outcome o = drain(e.get(), id, kVocab, false);
+                    wrong += o.ids != fake_reference_greedy(p, kVocab, 20);
+                    finished += o.finish == DBRX_FINISH_LENGTH;
+                }
+            }
+        });
+    }
+    for (auto &c : callers) c.join();
+    EXPECT_EQ(wrong.load(), 0);
+    EXPECT_EQ(cancelled.load() + finished.load(), 8 * 6 - 16);
+    for (int i = 0; i < 400; ++i) {
+        dbrx_engine_stats st = stats_of(e.get());
+        if (st.running + st.waiting == 0) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    dbrx_engine_stats st = stats_of(e.get());
+    EXPECT_EQ(st.running + st.waiting, 0);
+    EXPECT_EQ(st.blocks_used, 0);
 }
 
 TEST_F(EngineFake, DeviceLossStopsTheEngine) {
