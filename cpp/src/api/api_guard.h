@@ -11,7 +11,6 @@
 namespace dbrx::api {
 
 void set_last_error(const std::string &message);
-void clear_last_error();
 
 template <typename F>
 dbrx_status guarded(const char *function, F &&body) noexcept {

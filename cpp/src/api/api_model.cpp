@@ -25,8 +25,6 @@ void set_last_error(const std::string &message) {
     }
 }
 
-void clear_last_error() { g_last_error.clear(); }
-
 }  // namespace dbrx::api
 
 using dbrx::api::guarded;
