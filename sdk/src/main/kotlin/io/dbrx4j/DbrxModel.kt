@@ -14,6 +14,7 @@ import kotlinx.coroutines.flow.flowOn
 import kotlinx.coroutines.future.future
 import java.nio.file.Path
 import java.util.concurrent.CompletableFuture
+import java.util.concurrent.atomic.AtomicBoolean
 
 /**
  * A loaded checkpoint with its engine: one per process, shared by every thread and coroutine (like
@@ -33,6 +34,7 @@ class DbrxModel internal constructor(
     val chatTemplate: ChatTemplate,
 ) : AutoCloseable {
     private val scope = CoroutineScope(SupervisorJob() + Dispatchers.IO)
+    private val closing = AtomicBoolean(false)
 
     val info: ModelInfo get() = engine.info
 
@@ -109,11 +111,11 @@ class DbrxModel internal constructor(
 
     fun stats(): EngineStats = engine.stats()
 
-    val isClosed: Boolean get() = engine.isClosed
+    val isClosed: Boolean get() = closing.get() || engine.isClosed
 
     /** Cancels every generation in flight, then frees the engine and the weights. */
     override fun close() {
-        if (engine.isClosed) return
+        if (!closing.compareAndSet(false, true)) return
         scope.cancel()
         engine.close()
         tokenizer?.close()

@@ -38,6 +38,15 @@ class TokenizerTest {
     }
 
     @Test
+    fun `a closed tokenizer throws instead of touching freed memory`() {
+        val t = Tokenizer.load(Fixtures.modelDir)
+        t.close()
+        t.close()
+        org.junit.jupiter.api.assertThrows<DbrxClosedException> { t.encode("hi") }
+        org.junit.jupiter.api.assertThrows<DbrxClosedException> { t.decode(intArrayOf(1)) }
+    }
+
+    @Test
     fun `streaming detokenisation never splits a UTF-8 character`() {
         for (c in cases) {
             val ids = Fixtures.ints(c["ids"])

@@ -68,15 +68,14 @@ internal class NativeEngine private constructor(
         PollResult(tokens, finish[0], error)
     }
 
-    /** Idempotent; a request that already finished or was released is not an error. */
+    /** Idempotent; a request that already finished or was released, or a closed engine, is not an error. */
     fun cancel(id: Long) {
-        if (isClosed) return
-        call { dbrx.dbrx_engine_cancel(engine, id) }
+        lock.read { if (!closed) dbrx.dbrx_engine_cancel(engine, id) }
     }
 
+    /** Forgets the request; a no-op once the engine is closed (freeing it forgot every request). */
     fun release(id: Long) {
-        if (isClosed) return
-        call { dbrx.dbrx_engine_release(engine, id) }
+        lock.read { if (!closed) dbrx.dbrx_engine_release(engine, id) }
     }
 
     fun stats(): EngineStats = call {
