@@ -80,6 +80,20 @@ CublasHandle::~CublasHandle() {
     if (h_) cublasDestroy(h_);
 }
 
+void allow_max_dynamic_smem(const void *kernel, std::atomic<uint32_t> &done) {
+    int dev = 0;
+    DBRX_CUDA_CHECK(cudaGetDevice(&dev));
+    const uint32_t bit = dev < 32 ? 1u << dev : 0u;
+    if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return;
+    int optin = 0;
+    DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    cudaFuncAttributes attr{};
+    DBRX_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    DBRX_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         optin - static_cast<int>(attr.sharedSizeBytes)));
+    done.fetch_or(bit, std::memory_order_release);
+}
+
 void set_device(int device) { DBRX_CUDA_CHECK(cudaSetDevice(device)); }
 
 }  // namespace dbrx::cuda

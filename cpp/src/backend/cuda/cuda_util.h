@@ -5,6 +5,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -95,6 +96,10 @@ public:
 private:
     cublasHandle_t h_ = nullptr;
 };
+
+// Lets `kernel` use the device's whole opt-in shared memory for dynamic allocations, once per device
+// (`done` holds one bit per device; the attribute call would otherwise cost host time on every launch).
+void allow_max_dynamic_smem(const void *kernel, std::atomic<uint32_t> &done);
 
 // Makes `device` current on the calling thread (the engine may call from any thread).
 void set_device(int device);

@@ -111,8 +111,8 @@ void launch(const bf16_t *x, int32_t T, int32_t K, const bf16_t *w, int32_t N, f
         return;
     }
     const size_t smem = static_cast<size_t>(T) * K * sizeof(bf16_t);
-    DBRX_CUDA_CHECK(cudaFuncSetAttribute(gemv_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(NT * static_cast<size_t>(K) * sizeof(bf16_t))));
+    static std::atomic<uint32_t> smem_set{0};
+    allow_max_dynamic_smem(reinterpret_cast<const void *>(gemv_kernel<NT>), smem_set);
     const int32_t per_block = kWarps * kRowsPerWarp;
     const int32_t blocks = (N + per_block - 1) / per_block;
     gemv_kernel<NT><<<blocks, kWarps * 32, smem, stream>>>(x, T, K, w, N, y, beta);

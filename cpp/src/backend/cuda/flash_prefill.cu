@@ -147,8 +147,8 @@ template <int HD>
 void launch(const float *q, int32_t n_tiles, int32_t n_heads, const int32_t *tiles, TokenMeta meta, KvLayer kv,
             uint16_t *out, cudaStream_t stream) {
     const size_t smem = sizeof(Smem<HD>);
-    DBRX_CUDA_CHECK(cudaFuncSetAttribute(flash_prefill_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
+    static std::atomic<uint32_t> smem_set{0};
+    allow_max_dynamic_smem(reinterpret_cast<const void *>(flash_prefill_kernel<HD>), smem_set);
     const float scale = 1.0f / sqrtf(static_cast<float>(HD));
     flash_prefill_kernel<HD><<<dim3(n_tiles, n_heads), kThreads, smem, stream>>>(q, n_heads, tiles, meta, kv, scale, out);
     DBRX_CUDA_LAUNCH_CHECK();

@@ -77,34 +77,47 @@ __global__ void qkv_epilogue_kernel(const float *qkv, int32_t n_heads, float cli
 
 constexpr int kMaxExperts = 64;
 
+// One warp per token: lane e holds the logits of experts e and e + 32.
 __global__ void route_kernel(const float *logits, int32_t n_tokens, int32_t E, int32_t k, float norm_p,
                              int32_t *experts, float *weights) {
-    const int32_t t = blockIdx.x * blockDim.x + threadIdx.x;
+    const int32_t t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (t >= n_tokens) return;
     const float *l = logits + static_cast<int64_t>(t) * E;
-    float p[kMaxExperts];
-    float m = -INFINITY;
-    for (int e = 0; e < E; ++e) m = fmaxf(m, l[e]);
-    float sum = 0.f;
-    for (int e = 0; e < E; ++e) {
-        p[e] = expf(l[e] - m);
-        sum += p[e];
-    }
-    for (int e = 0; e < E; ++e) p[e] /= sum;
-    uint64_t taken = 0;
-    float w[kMaxExperts];
+    const int32_t e0 = lane, e1 = lane + 32;
+    const float v0 = e0 < E ? l[e0] : -INFINITY, v1 = e1 < E ? l[e1] : -INFINITY;
+    const float m = warp_max(fmaxf(v0, v1));
+    float p0 = e0 < E ? expf(v0 - m) : 0.f, p1 = e1 < E ? expf(v1 - m) : 0.f;
+    const float sum = warp_sum(p0 + p1);
+    p0 /= sum;
+    p1 /= sum;
+    if (e0 >= E) p0 = -1.f;  // never chosen
+    if (e1 >= E) p1 = -1.f;
     float norm = 0.f;
-    for (int r = 0; r < k; ++r) {
-        int best = -1;
-        for (int e = 0; e < E; ++e)
-            if (!(taken >> e & 1) && (best < 0 || p[e] > p[best])) best = e;
-        taken |= uint64_t{1} << best;
-        experts[t * k + r] = best;
-        w[r] = p[best];
-        norm += norm_p == 1.f ? fabsf(p[best]) : powf(fabsf(p[best]), norm_p);
+    for (int32_t r = 0; r < k; ++r) {
+        // Warp argmax, ties to the lower expert index.
+        float v = p0 >= p1 ? p0 : p1;
+        int32_t i = p0 >= p1 ? e0 : e1;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+            const int32_t oi = __shfl_xor_sync(0xffffffffu, i, o);
+            if (ov > v || (ov == v && oi < i)) {
+                v = ov;
+                i = oi;
+            }
+        }
+        if (i == e0) p0 = -1.f;
+        if (i == e1) p1 = -1.f;
+        if (lane == 0) {
+            experts[t * k + r] = i;
+            weights[t * k + r] = v;
+        }
+        norm += norm_p == 1.f ? fabsf(v) : powf(fabsf(v), norm_p);
     }
-    if (norm_p > 0.f) norm = norm_p == 1.f ? norm : powf(norm, 1.f / norm_p);
-    for (int r = 0; r < k; ++r) weights[t * k + r] = norm_p > 0.f ? w[r] / norm : w[r];
+    if (norm_p > 0.f && lane == 0) {
+        norm = norm_p == 1.f ? norm : powf(norm, 1.f / norm_p);
+        for (int32_t r = 0; r < k; ++r) weights[t * k + r] /= norm;
+    }
 }
 
 __global__ void permute_kernel(const int32_t *experts, int32_t n_pairs, int32_t E, int32_t *offsets, int32_t *active,
@@ -228,8 +241,7 @@ void route_topk(const float *logits, int32_t n_tokens, int32_t n_experts, int32_
         fail(DBRX_ERR_UNSUPPORTED, "CUDA router: needs 1 <= top_k <= n_experts <= 64, got top_k " +
                                        std::to_string(top_k) + " of " + std::to_string(n_experts));
     if (n_tokens == 0) return;
-    route_kernel<<<(n_tokens + 127) / 128, 128, 0, stream>>>(logits, n_tokens, n_experts, top_k, norm_p, experts,
-                                                             weights);
+    route_kernel<<<(n_tokens + 3) / 4, 128, 0, stream>>>(logits, n_tokens, n_experts, top_k, norm_p, experts, weights);
     DBRX_CUDA_LAUNCH_CHECK();
 }
 
@@ -258,9 +270,9 @@ void silu_mul(const float *gu, bf16_t *g, int32_t n_rows, int32_t ffn, cudaStrea
 void moe_unpermute(const float *y, int32_t n_parts, int64_t part_stride, const int32_t *perm_row,
                    const float *weights, int32_t n_tokens, int32_t top_k, int32_t d, float *h, cudaStream_t stream) {
     if (n_tokens == 0) return;
-    const int32_t col_blocks = (d + 127) / 128;
-    unpermute_kernel<<<dim3(n_tokens, n_tokens >= 64 ? 1 : col_blocks), 128, 0, stream>>>(y, n_parts, part_stride,
-                                                                                      perm_row, weights, top_k, d, h);
+    const int32_t col_blocks = (d + 63) / 64;
+    unpermute_kernel<<<dim3(n_tokens, n_tokens >= 64 ? 1 : col_blocks), 64, 0, stream>>>(y, n_parts, part_stride,
+                                                                                     perm_row, weights, top_k, d, h);
     DBRX_CUDA_LAUNCH_CHECK();
 }
 

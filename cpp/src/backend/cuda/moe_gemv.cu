@@ -126,8 +126,8 @@ template <int NT>
 void launch_up(const bf16_t *xp, const bf16_t *w13, const int32_t *offsets, const int32_t *active, int32_t max_active,
                int32_t d, int32_t F, bf16_t *g, cudaStream_t stream) {
     const size_t smem = static_cast<size_t>(NT) * d * sizeof(bf16_t);
-    DBRX_CUDA_CHECK(cudaFuncSetAttribute(moe_up_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
+    static std::atomic<uint32_t> smem_set{0};
+    allow_max_dynamic_smem(reinterpret_cast<const void *>(moe_up_kernel<NT>), smem_set);
     const int32_t rows_per_block = kUpWarps * kUpRowsPerWarp;
     moe_up_kernel<NT><<<dim3((F + rows_per_block - 1) / rows_per_block, max_active), kUpWarps * 32, smem, stream>>>(
         xp, w13, offsets, active, d, F, g);
@@ -139,8 +139,8 @@ void launch_down(const bf16_t *g, const bf16_t *w2, const int32_t *offsets, cons
                  int32_t max_active, int32_t n_rows, int32_t d, int32_t F, float *y, cudaStream_t stream) {
     const int32_t chunk = (F + kMoeDownSplits - 1) / kMoeDownSplits;
     const size_t smem = static_cast<size_t>(NT) * chunk * sizeof(float);
-    DBRX_CUDA_CHECK(cudaFuncSetAttribute(moe_down_kernel<NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
+    static std::atomic<uint32_t> smem_set{0};
+    allow_max_dynamic_smem(reinterpret_cast<const void *>(moe_down_kernel<NT>), smem_set);
     const int32_t vecs = d / 8;
     moe_down_kernel<NT><<<dim3((vecs + kDownThreads - 1) / kDownThreads, kMoeDownSplits, max_active), kDownThreads,
                           smem, stream>>>(g, w2, offsets, active, d, F, n_rows, y);
