@@ -3,6 +3,8 @@ package io.dbrx4j
 import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertFalse
 import org.junit.jupiter.api.Assertions.assertTrue
+import kotlinx.coroutines.flow.collect
+import kotlinx.coroutines.launch
 import org.junit.jupiter.api.Test
 import org.junit.jupiter.api.assertThrows
 import org.junit.jupiter.api.io.TempDir
@@ -78,6 +80,46 @@ class LifecycleTest {
             Dbrx.load(Fixtures.modelDir, Fixtures.options.toBuilder().device(Device.CUDA).build())
         }
         assertTrue(e.message!!.contains("CUDA"))
+    }
+
+    @Test
+    fun `cancelling before the first token cancels the waiting native request`() {
+        // One running sequence at a time: a second request waits in the queue with no token yet.
+        Dbrx.load(Fixtures.modelDir, Fixtures.options.toBuilder().maxRunning(1).build()).use { model ->
+            val long = SamplingOptions.builder().maxTokens(1000).stopTokenIds(emptyList()).build()
+            val running = model.stream(Prompt.ids(intArrayOf(1, 2, 3)), long)
+            assertTrue(running.hasNext())
+            val received = java.util.concurrent.atomic.AtomicInteger()
+            kotlinx.coroutines.runBlocking {
+                val job = launch(kotlinx.coroutines.Dispatchers.IO) {
+                    model.generate(Prompt.ids(intArrayOf(4, 5, 6)), long).collect { received.incrementAndGet() }
+                }
+                awaitStats(model) { it.waiting == 1 }
+                job.cancel()
+                job.join()
+            }
+            awaitStats(model) { it.waiting == 0 }
+            assertEquals(0, received.get(), "the cancelled request never produced a token")
+            // The same for a TokenStream closed before its first token, and a cancelled future.
+            val waiting = model.stream(Prompt.ids(intArrayOf(7, 8, 9)), long)
+            awaitStats(model) { it.waiting == 1 }
+            waiting.close()
+            assertFalse(waiting.hasNext())
+            val future = model.completeAsync(Prompt.ids(intArrayOf(10, 11)), long)
+            awaitStats(model) { it.waiting == 1 }
+            future.cancel(true)
+            awaitStats(model) { it.waiting == 0 }
+            running.close()
+            awaitStats(model) { it.running == 0 && it.blocksUsed == 0 }
+        }
+    }
+
+    private fun awaitStats(model: DbrxModel, condition: (EngineStats) -> Boolean) {
+        val deadline = System.nanoTime() + 10_000_000_000L
+        while (!condition(model.stats())) {
+            check(System.nanoTime() < deadline) { "engine never reached the expected state: ${model.stats()}" }
+            Thread.sleep(5)
+        }
     }
 
     @Test
