@@ -6,7 +6,12 @@ import io.ktor.http.ContentType
 import io.ktor.http.HttpHeaders
 import io.ktor.http.HttpStatusCode
 import io.ktor.server.application.ApplicationCall
+import io.ktor.server.netty.NettyApplicationCall
 import io.ktor.server.response.header
+import io.ktor.server.routing.RoutingCall
+import kotlinx.coroutines.delay
+import kotlinx.coroutines.isActive
+import kotlinx.coroutines.launch
 import io.ktor.server.response.respondBytesWriter
 import io.ktor.utils.io.ByteWriteChannel
 import io.ktor.utils.io.writeStringUtf8
@@ -63,7 +68,25 @@ class Streaming(private val server: DbrxServer) {
                 }
             }
             if (!req.stream) {
-                consume({ _, _ -> }, { })
+                // Nothing is written until the end, so a hang-up shows only on the connection itself.
+                val gone = java.util.concurrent.atomic.AtomicBoolean(false)
+                val watchdog = server.pumpScope.launch {
+                    while (isActive) {
+                        delay(WATCH_MS)
+                        if (!connectionOpen(call)) {
+                            gone.set(true)
+                            metrics.disconnects.increment()
+                            gen.close()
+                            break
+                        }
+                    }
+                }
+                try {
+                    consume({ _, _ -> }, { })
+                } finally {
+                    watchdog.cancel()
+                }
+                if (gone.get()) throw kotlinx.coroutines.CancellationException("the client closed the connection")
                 val body = shapes.whole(jobs.map { choices.getValue(it.index) }, promptTokens)
                 log.detail += summary(promptTokens, choices.values)
                 server.respondJson(call, body)
@@ -127,6 +150,16 @@ class Streaming(private val server: DbrxServer) {
                 log.detail += summary(promptTokens, choices) + if (completed) "" else " incomplete"
             }
         }
+    }
+
+    /** False once the client's connection is gone (Netty engine; other engines are assumed open). */
+    private fun connectionOpen(call: ApplicationCall): Boolean {
+        val engineCall = (call as? RoutingCall)?.pipelineCall?.engineCall ?: call
+        return (engineCall as? NettyApplicationCall)?.context?.channel()?.isActive ?: true
+    }
+
+    private companion object {
+        const val WATCH_MS = 100L
     }
 
     private fun summary(promptTokens: Int, choices: Collection<ChoiceState>): String =

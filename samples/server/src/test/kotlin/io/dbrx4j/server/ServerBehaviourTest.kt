@@ -43,6 +43,26 @@ class ServerBehaviourTest {
     }
 
     @Test
+    fun `a client that hangs up on a non-streamed request cancels it`() {
+        val body = """{"model":"tiny-dbrx-cl100k","prompt":"hang up","max_tokens":1900}""".toByteArray()
+        val before = server.host.stats()!!.generatedTokens
+        Socket("127.0.0.1", server.port).use { socket ->
+            socket.getOutputStream().write(
+                ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${TestServer.KEY}\r\n" +
+                    "Content-Type: application/json\r\nContent-Length: ${body.size}\r\n\r\n").toByteArray() + body,
+            )
+            while (server.host.stats()!!.running == 0) Thread.sleep(5)
+            socket.setSoLinger(true, 0)
+        }
+        val deadline = System.nanoTime() + 60_000_000_000L
+        while (server.server.admission.running != 0 && System.nanoTime() < deadline) Thread.sleep(20)
+        val stats = server.host.stats()!!
+        assertEquals(0, server.server.admission.running)
+        assertEquals(0, stats.blocksUsed, "$stats")
+        assertTrue(stats.generatedTokens - before < 1900, "the request ran to the end: $stats")
+    }
+
+    @Test
     fun `metrics are Prometheus text with the serving and engine series`() {
         server.events(Endpoint.CHAT.path, """{"model":"tiny-dbrx-cl100k","messages":[{"role":"user","content":"m"}],"max_tokens":4,"stream":true}""")
         val r = server.send("/metrics")
