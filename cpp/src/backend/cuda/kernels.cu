@@ -1,5 +1,7 @@
 // Element-wise and per-token kernels: embedding, LayerNorm, the Wqkv epilogue (clamp + RoPE + KV
 // write), router top-k, MoE permutation / un-permutation, SiLU*up and a random fill.
+#include <algorithm>
+
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/device_math.cuh"
 #include "backend/cuda/kernels.h"
@@ -270,9 +272,10 @@ void silu_mul(const float *gu, bf16_t *g, int32_t n_rows, int32_t ffn, cudaStrea
 void moe_unpermute(const float *y, int32_t n_parts, int64_t part_stride, const int32_t *perm_row,
                    const float *weights, int32_t n_tokens, int32_t top_k, int32_t d, float *h, cudaStream_t stream) {
     if (n_tokens == 0) return;
-    const int32_t col_blocks = (d + 63) / 64;
-    unpermute_kernel<<<dim3(n_tokens, n_tokens >= 64 ? 1 : col_blocks), 64, 0, stream>>>(y, n_parts, part_stride,
-                                                                                     perm_row, weights, top_k, d, h);
+    // About four blocks per SM in total, however few the tokens.
+    const int32_t col_blocks = std::max(1, std::min((d + 63) / 64, (528 + n_tokens - 1) / n_tokens));
+    unpermute_kernel<<<dim3(n_tokens, col_blocks), 64, 0, stream>>>(y, n_parts, part_stride, perm_row, weights, top_k,
+                                                                    d, h);
     DBRX_CUDA_LAUNCH_CHECK();
 }
 
