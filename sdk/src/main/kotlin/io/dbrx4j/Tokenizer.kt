@@ -64,7 +64,11 @@ class Tokenizer private constructor(private val hf: HuggingFaceTokenizer) : Auto
             val hf = try {
                 // The file alone, not the directory: tokenizer_config.json's clean_up_tokenization_spaces
                 // would rewrite decoded text, which DBRX's tiktoken-based tokenizer never does.
-                HuggingFaceTokenizer.newInstance(file, mapOf("addSpecialTokens" to "false"))
+                // DJL truncates to 512 tokens and may pad unless told not to; prompts are taken whole.
+                HuggingFaceTokenizer.newInstance(
+                    file,
+                    mapOf("addSpecialTokens" to "false", "truncation" to "false", "padding" to "false"),
+                )
             } catch (e: Exception) {
                 throw DbrxBadCheckpointException("BAD_CHECKPOINT", "cannot read $file: ${e.message}", e)
             }

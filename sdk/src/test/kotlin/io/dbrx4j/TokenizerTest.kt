@@ -5,6 +5,7 @@ import org.junit.jupiter.api.AfterAll
 import org.junit.jupiter.api.Assertions.assertArrayEquals
 import org.junit.jupiter.api.Assertions.assertEquals
 import org.junit.jupiter.api.Assertions.assertFalse
+import org.junit.jupiter.api.Assertions.assertTrue
 import org.junit.jupiter.api.Test
 import org.junit.jupiter.api.TestInstance
 
@@ -35,6 +36,14 @@ class TokenizerTest {
         assertEquals(null, tokenizer.tokenId("hello world"))
         // Generated text leaves special tokens out.
         assertEquals("user\nhi", tokenizer.decode(intArrayOf(100278, 882, 198, 6151, 100279), true))
+    }
+
+    @Test
+    fun `long texts are never truncated`() {
+        val text = (0 until 3000).joinToString(" ") { "word$it" }
+        val ids = tokenizer.encode(text)
+        assertTrue(ids.size > 3000, "${ids.size} ids")
+        assertEquals(text, tokenizer.decode(ids))
     }
 
     @Test
