@@ -179,3 +179,11 @@ TEST(CliErrors, OneLineOnStderrAndTheDocumentedExitCode) {
         EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << c.args << "\n" << r.err;
     }
 }
+
+TEST(CliEval, TensorAndExpertParallelMatchOneRank) {
+    for (const auto &model : kFixtures) {
+        json alone = eval(model);
+        expect_same_results(alone, eval(model, "--tp 2"), 1e-5);
+        expect_same_results(alone, eval(model, "--ep 2"), 1e-5);
+    }
+}

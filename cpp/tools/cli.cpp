@@ -108,6 +108,8 @@ void load_model(const Args &args, dbrx_engine_params engine_params, LoadedModel 
         throw UsageError("--device must be cpu or cuda, got '" + device + "'");
     }
     mp.n_threads = static_cast<int32_t>(args.integer("threads", 0, 0, 4096));
+    mp.tensor_parallel = static_cast<int32_t>(args.integer("tp", 1, 1, 1024));
+    mp.expert_parallel = static_cast<int32_t>(args.integer("ep", 1, 1, 1024));
     std::string dir = args.required("model");
     check(dbrx_model_load(dir.c_str(), &mp, &out.model), "loading the model");
     check(dbrx_model_get_info(out.model, &out.info), "reading the model info");

@@ -12,7 +12,7 @@ namespace {
 
 const char *kUsage =
     "usage: dbrx <command> [options]\n"
-    "  generate --model DIR --prompt-ids 1,2,3 [--max-tokens N] [--device cpu|cuda] [--threads N]\n"
+    "  generate --model DIR --prompt-ids 1,2,3 [--max-tokens N] [--device cpu|cuda] [--threads N] [--tp N] [--ep N]\n"
     "           [--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R]\n"
     "           [--presence-penalty P] [--frequency-penalty F] [--seed S] [--stop-ids 1,2] [--ignore-eos]\n"
     "  eval     --model DIR --cases reference.json --out OUT.json [--device cpu|cuda] [--threads N]\n"
