@@ -12,6 +12,7 @@
 #include "dist/cpu_rank.h"
 #include "dist/shard_plan.h"
 #include "dist/thread_communicator.h"
+#include "model/validate.h"
 #include "util/error.h"
 
 namespace dbrx::dist {
@@ -47,28 +48,12 @@ private:
     std::vector<std::unique_ptr<CpuKvPool>> ranks_;
 };
 
-void check_config(const ModelConfig &c, int32_t n_layers_in_checkpoint) {
-    auto bad = [](const std::string &m) { bad_checkpoint("sharded CPU backend: config " + m); };
-    if (c.d_model <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_layers <= 0 || c.vocab_size <= 0 ||
-        c.ffn_hidden <= 0 || c.n_experts <= 0 || c.max_seq_len <= 0)
-        bad("has a non-positive dimension");
-    if (c.head_dim * c.n_heads != c.d_model || c.head_dim % 2 != 0)
-        bad("head_dim " + std::to_string(c.head_dim) + " must be even and d_model / n_heads");
-    if (c.n_heads % c.n_kv_heads != 0)
-        bad("n_heads " + std::to_string(c.n_heads) + " is not a multiple of kv_n_heads " + std::to_string(c.n_kv_heads));
-    if (c.top_k < 1 || c.top_k > c.n_experts)
-        bad("moe_top_k " + std::to_string(c.top_k) + " outside [1, " + std::to_string(c.n_experts) + "]");
-    if (c.moe_norm_p && !(*c.moe_norm_p > 0)) bad("moe_normalize_expert_weights must be positive");
-    if (n_layers_in_checkpoint != c.n_layers)
-        bad("says " + std::to_string(c.n_layers) + " layers, the checkpoint has " + std::to_string(n_layers_in_checkpoint));
-}
-
 class ShardedCpuBackend final : public Backend {
 public:
     ShardedCpuBackend(const Checkpoint &ckpt, const BackendOptions &options, int32_t tp, int32_t ep,
                       ShardedCpuOptions sharded)
         : cfg_(ckpt.config()), plan_(ShardPlan::make(ckpt.config(), tp, ep)), sharded_(std::move(sharded)) {
-        check_config(cfg_, static_cast<int32_t>(ckpt.weights().layers.size()));
+        check_backend_config(cfg_, static_cast<int64_t>(ckpt.weights().layers.size()), "sharded CPU backend");
         int32_t total = options.n_threads > 0 ? options.n_threads
                                               : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
         const int32_t per_rank = std::max(1, total / plan_.world_size);
@@ -112,31 +97,7 @@ ShardedKvPool &ShardedCpuBackend::check_inputs(KvPool &pool, std::span<const Seq
     auto *kv = dynamic_cast<ShardedKvPool *>(&pool);
     if (!kv || kv->world_size() != plan_.world_size)
         invalid_argument("sharded CPU backend forward: the KV pool was not created by this backend");
-    bool any_logits = false;
-    for (size_t s = 0; s < batch.size(); ++s) {
-        const SeqStep &st = batch[s];
-        const std::string where = "sharded CPU backend forward: batch[" + std::to_string(s) + "]: ";
-        if (st.tokens.empty()) invalid_argument(where + "no tokens");
-        if (st.pos0 < 0) invalid_argument(where + "negative pos0 " + std::to_string(st.pos0));
-        const int64_t end = int64_t{st.pos0} + static_cast<int64_t>(st.tokens.size());
-        if (end > cfg_.max_seq_len)
-            invalid_argument(where + "positions up to " + std::to_string(end) + " exceed max_seq_len " +
-                             std::to_string(cfg_.max_seq_len));
-        if (static_cast<int64_t>(st.blocks.size()) * kv->block_size() < end)
-            invalid_argument(where + "block table of " + std::to_string(st.blocks.size()) + " blocks of " +
-                             std::to_string(kv->block_size()) + " cannot hold " + std::to_string(end) + " positions");
-        const int64_t used_blocks = (end + kv->block_size() - 1) / kv->block_size();
-        for (int64_t b = 0; b < used_blocks; ++b)
-            if (st.blocks[b] < 0 || st.blocks[b] >= kv->n_blocks())
-                invalid_argument(where + "block id " + std::to_string(st.blocks[b]) + " at index " + std::to_string(b) +
-                                 " outside [0, " + std::to_string(kv->n_blocks()) + ")");
-        for (size_t i = 0; i < st.tokens.size(); ++i)
-            if (st.tokens[i] < 0 || st.tokens[i] >= cfg_.vocab_size)
-                invalid_argument(where + "token id " + std::to_string(st.tokens[i]) + " at index " + std::to_string(i) +
-                                 " outside [0, " + std::to_string(cfg_.vocab_size) + ")");
-        any_logits |= st.want_logits;
-    }
-    if (any_logits && !logits) invalid_argument("sharded CPU backend forward: logits requested but the output is null");
+    check_forward_steps(cfg_, batch, *kv, logits, "sharded CPU backend");
     return *kv;
 }
 

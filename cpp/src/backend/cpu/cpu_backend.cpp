@@ -11,6 +11,7 @@
 #include "backend/cpu/cpu_kv_pool.h"
 #include "backend/cpu/kernels.h"
 #include "model/backend.h"
+#include "model/validate.h"
 #include "util/error.h"
 #include "util/thread_pool.h"
 
@@ -23,30 +24,12 @@ using cpu::CpuKvPool;
 // because host RAM is shared with everything else on the machine and the weights stay mmapped.
 constexpr int64_t kCpuKvMemory = int64_t{2} << 30;
 
-void check_config(const ModelConfig &c) {
-    auto bad = [](const std::string &m) { bad_checkpoint("CPU backend: config " + m); };
-    if (c.d_model <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 || c.n_layers <= 0 || c.vocab_size <= 0 ||
-        c.ffn_hidden <= 0 || c.n_experts <= 0 || c.max_seq_len <= 0)
-        bad("has a non-positive dimension");
-    if (c.head_dim * c.n_heads != c.d_model || c.head_dim % 2 != 0)
-        bad("head_dim " + std::to_string(c.head_dim) + " must be even and d_model / n_heads");
-    if (c.n_heads % c.n_kv_heads != 0)
-        bad("n_heads " + std::to_string(c.n_heads) + " is not a multiple of kv_n_heads " +
-            std::to_string(c.n_kv_heads));
-    if (c.top_k < 1 || c.top_k > c.n_experts)
-        bad("moe_top_k " + std::to_string(c.top_k) + " outside [1, " + std::to_string(c.n_experts) + "]");
-    if (c.moe_norm_p && !(*c.moe_norm_p > 0)) bad("moe_normalize_expert_weights must be positive");
-}
-
 class CpuBackend final : public Backend {
 public:
     CpuBackend(const Checkpoint &ckpt, const BackendOptions &options)
         : cfg_(ckpt.config()), w_(ckpt.weights()), threads_(options.n_threads),
           inv_freq_(cpu::rope_inv_freq(ckpt.config().head_dim, ckpt.config().rope_theta)) {
-        check_config(cfg_);
-        if (static_cast<int32_t>(w_.layers.size()) != cfg_.n_layers)
-            bad_checkpoint("CPU backend: checkpoint has " + std::to_string(w_.layers.size()) + " layers, config " +
-                           std::to_string(cfg_.n_layers));
+        check_backend_config(cfg_, static_cast<int64_t>(w_.layers.size()), "CPU backend");
     }
 
     std::string name() const override { return "cpu"; }
@@ -89,31 +72,7 @@ CpuKvPool &CpuBackend::check_inputs(KvPool &pool, std::span<const SeqStep> batch
     if (!kv) invalid_argument("CPU backend forward: the KV pool was not created by the CPU backend");
     if (kv->n_layers() != cfg_.n_layers || kv->n_kv_heads() != cfg_.n_kv_heads || kv->head_dim() != cfg_.head_dim)
         invalid_argument("CPU backend forward: the KV pool was created for another model");
-    bool any_logits = false;
-    for (size_t s = 0; s < batch.size(); ++s) {
-        const SeqStep &st = batch[s];
-        const std::string where = "CPU backend forward: batch[" + std::to_string(s) + "]: ";
-        if (st.tokens.empty()) invalid_argument(where + "no tokens");
-        if (st.pos0 < 0) invalid_argument(where + "negative pos0 " + std::to_string(st.pos0));
-        int64_t end = int64_t{st.pos0} + static_cast<int64_t>(st.tokens.size());
-        if (end > cfg_.max_seq_len)
-            invalid_argument(where + "positions up to " + std::to_string(end) + " exceed max_seq_len " +
-                             std::to_string(cfg_.max_seq_len));
-        if (static_cast<int64_t>(st.blocks.size()) * kv->block_size() < end)
-            invalid_argument(where + "block table of " + std::to_string(st.blocks.size()) + " blocks of " +
-                             std::to_string(kv->block_size()) + " cannot hold " + std::to_string(end) + " positions");
-        int64_t used_blocks = (end + kv->block_size() - 1) / kv->block_size();
-        for (int64_t b = 0; b < used_blocks; ++b)
-            if (st.blocks[b] < 0 || st.blocks[b] >= kv->n_blocks())
-                invalid_argument(where + "block id " + std::to_string(st.blocks[b]) + " at index " +
-                                 std::to_string(b) + " outside [0, " + std::to_string(kv->n_blocks()) + ")");
-        for (size_t i = 0; i < st.tokens.size(); ++i)
-            if (st.tokens[i] < 0 || st.tokens[i] >= cfg_.vocab_size)
-                invalid_argument(where + "token id " + std::to_string(st.tokens[i]) + " at index " +
-                                 std::to_string(i) + " outside [0, " + std::to_string(cfg_.vocab_size) + ")");
-        any_logits |= st.want_logits;
-    }
-    if (any_logits && !logits) invalid_argument("CPU backend forward: logits requested but the output is null");
+    check_forward_steps(cfg_, batch, *kv, logits, "CPU backend");
     return *kv;
 }
 
