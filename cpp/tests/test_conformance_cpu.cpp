@@ -7,17 +7,15 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "model/backend.h"
+#include "reference_fixture.h"
 
 namespace dbrx {
 namespace {
@@ -26,37 +24,8 @@ constexpr int32_t kBlockSize = 16;
 constexpr float kLogitTolerance = 2e-3f;
 constexpr double kMarginFloor = 1e-2;
 
-struct RefCase {
-    std::vector<int32_t> prompt, greedy;
-    std::vector<double> margins;
-};
-
-struct Fixture {
-    std::unique_ptr<Checkpoint> ckpt;
-    std::vector<RefCase> cases;
-    std::unique_ptr<SafetensorsFile> ref;
-
-    explicit Fixture(const std::string &dir) {
-        ckpt = Checkpoint::open(dir);
-        std::ifstream in(dir + "/reference.json");
-        auto j = nlohmann::json::parse(in);
-        for (const auto &c : j.at("cases"))
-            cases.push_back({c.at("prompt_ids").get<std::vector<int32_t>>(),
-                             c.at("greedy_ids").get<std::vector<int32_t>>(),
-                             c.at("greedy_margins").get<std::vector<double>>()});
-        ref = std::make_unique<SafetensorsFile>(dir + "/reference.safetensors");
-    }
-    int32_t vocab() const { return ckpt->config().vocab_size; }
-    // Reference tensor `name` (F32) as floats; empty when absent.
-    std::vector<float> tensor(const std::string &name) const {
-        const TensorInfo *t = ref->find(name);
-        if (!t) return {};
-        EXPECT_EQ(t->dtype, DType::F32) << name;
-        std::vector<float> out(static_cast<size_t>(t->numel()));
-        std::memcpy(out.data(), ref->data(*t), out.size() * sizeof(float));
-        return out;
-    }
-};
+using dbrx::testing::RefCase;
+using Fixture = dbrx::testing::ReferenceFixture;
 
 // One sequence in a pool: its block table and how many positions are cached.
 struct Seq {

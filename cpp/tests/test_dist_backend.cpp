@@ -7,18 +7,16 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <fstream>
 #include <numeric>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "dist/sharded_cpu_backend.h"
 #include "io/checkpoint.h"
 #include "model/backend.h"
+#include "reference_fixture.h"
 #include "util/error.h"
 
 namespace dbrx::dist {
@@ -33,20 +31,8 @@ constexpr size_t kGreedySteps = 24;  // every reference greedy step of both fixt
 
 const char *const kFixtures[] = {DBRX_SOURCE_DIR "/fixtures/tiny-dbrx", DBRX_SOURCE_DIR "/models/tiny-dbrx-cl100k"};
 
-struct RefCase {
-    std::vector<int32_t> prompt, greedy;
-    std::vector<double> margins;
-};
-
-std::vector<RefCase> load_cases(const std::string &dir) {
-    std::ifstream in(dir + "/reference.json");
-    auto j = nlohmann::json::parse(in);
-    std::vector<RefCase> cases;
-    for (const auto &c : j.at("cases"))
-        cases.push_back({c.at("prompt_ids").get<std::vector<int32_t>>(), c.at("greedy_ids").get<std::vector<int32_t>>(),
-                         c.at("greedy_margins").get<std::vector<double>>()});
-    return cases;
-}
+using dbrx::testing::load_ref_cases;
+using dbrx::testing::RefCase;
 
 int32_t argmax(const std::vector<float> &v) {
     return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
@@ -97,7 +83,7 @@ void expect_same_as_one_rank(const std::string &dir, Layout layout) {
     options.n_threads = 2;
     auto one = make_cpu_backend(*ckpt, options);
     auto sharded = make_sharded_cpu_backend(*ckpt, options, layout.tp, layout.ep);
-    for (const RefCase &c : load_cases(dir)) {
+    for (const RefCase &c : load_ref_cases(dir)) {
         const int32_t max_len = static_cast<int32_t>(c.prompt.size() + kGreedySteps);
         SeqRun a(*one, max_len), b(*sharded, max_len);
         // The sharded run prefills in chunks of 7: its KV cache is read back across steps.
@@ -135,7 +121,7 @@ TEST(DistShardedBackend, ExpertParallelMatchesOneRank) {
 TEST(DistShardedBackend, BatchedSequencesGatherTheirOwnRows) {
     auto ckpt = Checkpoint::open(kFixtures[1]);
     const int32_t vocab = ckpt->config().vocab_size;
-    auto cases = load_cases(kFixtures[1]);
+    auto cases = load_ref_cases(kFixtures[1]);
     ASSERT_GE(cases.size(), 2u);
     BackendOptions options;
     options.n_threads = 2;
@@ -189,7 +175,7 @@ Failure forward_once(Backend &backend, const std::vector<int32_t> &prompt, int32
 
 TEST(DistShardedBackend, RankThatThrowsFailsTheStepAndTheBackend) {
     auto ckpt = Checkpoint::open(kFixtures[0]);
-    const auto prompt = load_cases(kFixtures[0])[0].prompt;
+    const auto prompt = load_ref_cases(kFixtures[0])[0].prompt;
     ShardedCpuOptions so;
     so.timeout = 30s;  // the abort, not the timeout, must end the step
     int calls = 0;
@@ -210,7 +196,7 @@ TEST(DistShardedBackend, RankThatThrowsFailsTheStepAndTheBackend) {
 
 TEST(DistShardedBackend, StalledRankTimesOutTheOthers) {
     auto ckpt = Checkpoint::open(kFixtures[1]);
-    const auto prompt = load_cases(kFixtures[1])[0].prompt;
+    const auto prompt = load_ref_cases(kFixtures[1])[0].prompt;
     ShardedCpuOptions so;
     so.timeout = 1s;
     so.before_layer = [](int32_t rank, int32_t layer) {

@@ -5,14 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
-#include <fstream>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "io/safetensors.h"
+#include "reference_fixture.h"
 #include "test_engine_harness.h"
 
 namespace dbrx::testing {
@@ -36,19 +33,12 @@ struct FixtureData {
 
 FixtureData load(const std::string &dir) {
     FixtureData f;
-    std::ifstream in(dir + "/reference.json");
-    auto j = nlohmann::json::parse(in);
+    const std::vector<RefCase> cases = load_ref_cases(dir);
     SafetensorsFile ref(dir + "/reference.safetensors");
-    for (size_t i = 0; i < j.at("cases").size(); ++i) {
-        const auto &c = j.at("cases")[i];
-        Case k{c.at("prompt_ids").get<std::vector<int32_t>>(), c.at("greedy_ids").get<std::vector<int32_t>>(),
-               c.at("greedy_margins").get<std::vector<double>>(), {}};
-        const TensorInfo *t = ref.find("case" + std::to_string(i) + ".last_logits");
-        EXPECT_NE(t, nullptr);
-        if (t) {
-            k.last_logits.resize(static_cast<size_t>(t->numel()));
-            std::memcpy(k.last_logits.data(), ref.data(*t), k.last_logits.size() * sizeof(float));
-        }
+    for (size_t i = 0; i < cases.size(); ++i) {
+        Case k{cases[i].prompt, cases[i].greedy, cases[i].margins,
+               ref_tensor(ref, "case" + std::to_string(i) + ".last_logits")};
+        EXPECT_FALSE(k.last_logits.empty()) << "no reference logits for case " << i;
         f.cases.push_back(std::move(k));
     }
     dbrx_model_params mp = dbrx_model_default_params();

@@ -6,15 +6,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
-#include <fstream>
 #include <numeric>
-
-#include <nlohmann/json.hpp>
 
 #include "backend/cuda/cuda_backend.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
+#include "reference_fixture.h"
 
 namespace dbrx::cuda::test {
 namespace {
@@ -23,26 +20,13 @@ constexpr int32_t kBlockSize = 16;
 constexpr float kLogitTolerance = 0.1f;
 constexpr double kMarginFloor = 0.2;
 
-struct RefCase {
-    std::vector<int32_t> prompt, greedy;
-    std::vector<double> margins;
-};
+using dbrx::testing::RefCase;
 
-struct Fixture {
-    std::unique_ptr<Checkpoint> ckpt;
-    std::vector<RefCase> cases;
-    std::unique_ptr<SafetensorsFile> ref;
+// The reference fixture with a CUDA backend loaded from its checkpoint.
+struct Fixture : dbrx::testing::ReferenceFixture {
     std::unique_ptr<Backend> backend;
 
-    explicit Fixture(const std::string &dir) {
-        ckpt = Checkpoint::open(dir);
-        std::ifstream in(dir + "/reference.json");
-        auto j = nlohmann::json::parse(in);
-        for (const auto &c : j.at("cases"))
-            cases.push_back({c.at("prompt_ids").get<std::vector<int32_t>>(),
-                             c.at("greedy_ids").get<std::vector<int32_t>>(),
-                             c.at("greedy_margins").get<std::vector<double>>()});
-        ref = std::make_unique<SafetensorsFile>(dir + "/reference.safetensors");
+    explicit Fixture(const std::string &dir) : ReferenceFixture(dir) {
         BackendOptions opt;
         float last = -1.f;
         backend = make_cuda_backend(*ckpt, opt, [](float p, void *u) {
@@ -52,14 +36,6 @@ struct Fixture {
             return true;
         }, &last);
         EXPECT_FLOAT_EQ(last, 1.f) << "progress ends at 1";
-    }
-    int32_t vocab() const { return ckpt->config().vocab_size; }
-    std::vector<float> last_logits(size_t i) const {
-        const TensorInfo *t = ref->find("case" + std::to_string(i) + ".last_logits");
-        EXPECT_NE(t, nullptr);
-        std::vector<float> out(static_cast<size_t>(t->numel()));
-        std::memcpy(out.data(), ref->data(*t), out.size() * sizeof(float));
-        return out;
     }
 };
 
