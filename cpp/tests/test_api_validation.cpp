@@ -18,7 +18,7 @@ constexpr int32_t kCtx = 256;
 
 std::vector<int32_t> prompt_of(int32_t len, uint64_t salt) {
     std::vector<int32_t> p;
-    for (int32_t i = 0; i < len; ++i) p.push_back(static_cast<int32_t>(fake_mix(salt + i) % 60));
+    for (int32_t i = 0; i < len; ++i) p.push_back(static_cast<int32_t>(splitmix64(salt + i) % 60));
     return p;
 }
 

@@ -32,7 +32,7 @@ BenchResult run_bench(dbrx_model *model, int32_t kv_blocks, int32_t n_requests, 
     for (int32_t r = 0; r < n_requests; ++r) {
         std::vector<int32_t> prompt;
         for (int32_t i = 0; i < prompt_len; ++i)
-            prompt.push_back(static_cast<int32_t>(fake_mix((shared_prefix ? 0 : r) * 131 + i) % kVocab));
+            prompt.push_back(static_cast<int32_t>(splitmix64((shared_prefix ? 0 : r) * 131 + i) % kVocab));
         prompt.back() = r % kVocab;
         prompts.push_back(prompt);
     }

@@ -22,25 +22,19 @@
 #include "api/handles.h"
 #include "model/backend.h"
 #include "util/error.h"
+#include "util/hash.h"
 
 namespace dbrx::testing {
 
-inline uint64_t fake_mix(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
-
 // KV value at position p given the value at p - 1 (0 before the first token).
 inline uint64_t fake_kv(uint64_t previous, int32_t token, int32_t pos) {
-    return fake_mix(previous ^ fake_mix(static_cast<uint64_t>(token) * 1000003ULL + static_cast<uint64_t>(pos))) | 1;
+    return splitmix64(previous ^ splitmix64(static_cast<uint64_t>(token) * 1000003ULL + static_cast<uint64_t>(pos))) | 1;
 }
 
 // Logits in [-3, 3) from the KV value of the last position.
 inline void fake_logits(uint64_t last_kv, std::span<float> out) {
     for (size_t v = 0; v < out.size(); ++v)
-        out[v] = static_cast<float>(fake_mix(last_kv ^ (v * 0x632be59bd9b4e019ULL)) >> 40) * 0x1.0p-24f * 6.0f - 3.0f;
+        out[v] = static_cast<float>(splitmix64(last_kv ^ (v * 0x632be59bd9b4e019ULL)) >> 40) * 0x1.0p-24f * 6.0f - 3.0f;
 }
 
 // What the engine must produce: last-position logits of a token history, computed without paging.

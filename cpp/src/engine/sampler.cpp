@@ -6,17 +6,11 @@
 #include <string>
 
 #include "util/error.h"
+#include "util/hash.h"
 
 namespace dbrx {
 
 namespace {
-
-uint64_t mix(uint64_t x) {
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
 
 void check_finite(float v, const char *field) {
     if (!std::isfinite(v)) invalid_argument(std::string("sampling.") + field + " must be finite, got " + std::to_string(v));
@@ -55,7 +49,7 @@ void validate_sampling(const dbrx_sampling_params &p, int32_t n_vocab) {
 }
 
 double counter_uniform(uint64_t seed, uint64_t index) {
-    uint64_t bits = mix(mix(seed) ^ mix(index + 0x632be59bd9b4e019ULL));
+    uint64_t bits = splitmix64(splitmix64(seed) ^ splitmix64(index + 0x632be59bd9b4e019ULL));
     return static_cast<double>(bits >> 11) * 0x1.0p-53;
 }
 

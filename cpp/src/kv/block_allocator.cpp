@@ -4,23 +4,14 @@
 #include <string>
 
 #include "util/error.h"
+#include "util/hash.h"
 
 namespace dbrx {
 
-namespace {
-uint64_t mix(uint64_t x) {
-    // splitmix64 finaliser: cheap, and every input bit reaches every output bit.
-    x += 0x9e3779b97f4a7c15ULL;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-    return x ^ (x >> 31);
-}
-}  // namespace
-
 uint64_t prefix_block_key(uint64_t parent_key, std::span<const int32_t> tokens) {
-    uint64_t h = mix(parent_key);
-    for (int32_t t : tokens) h = mix(h ^ static_cast<uint32_t>(t));
-    return mix(h ^ tokens.size());
+    uint64_t h = splitmix64(parent_key);
+    for (int32_t t : tokens) h = splitmix64(h ^ static_cast<uint32_t>(t));
+    return splitmix64(h ^ tokens.size());
 }
 
 BlockAllocator::BlockAllocator(int32_t n_blocks, int32_t block_size, bool enable_prefix_cache)
