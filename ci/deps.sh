@@ -41,5 +41,7 @@ if [ ! -x .venv/bin/cmake ] || [ ! -f .venv/.cuda-13.0.88 ]; then
     "nvidia-cublas==13.0.2.14" "nvidia-nccl-cu13==2.28.9"
   touch .venv/.cuda-13.0.88
 fi
+# The stable "toolkit installed" marker the Maven build and ci/jvm-test.sh look for.
+touch .venv/.cuda-13.0
 # Unversioned library links for the linker and CMake (see ci/cuda-env.sh).
 . ci/cuda-env.sh

@@ -5,7 +5,8 @@
 #      CLI, each module with its JUnit 5 tests, all into the local repository (~/.m2);
 #   2. the JNI path against the C++ one: `dbrx eval` and the CLI's `eval` give the same greedy ids;
 #   3. samples/consumer, a project that depends on the installed artifacts by coordinates only.
-# Knobs: DBRX_CUDA_SKIP=1 leaves the CUDA classifier out; MVN_OFFLINE=1 adds -o (a warm ~/.m2).
+# Knobs: DBRX_CUDA_SKIP=1 leaves the CUDA classifier out; MVN_OFFLINE=1 adds -o (a warm ~/.m2);
+# DBRX_NATIVE_CUDA_DIR=DIR reuses a CUDA build of libdbrx already configured there (ci/test.sh's build/).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -13,6 +14,7 @@ cd "$root"
 mvn_flags=(-B)
 [ "${MVN_OFFLINE:-0}" = 1 ] && mvn_flags+=(-o)
 [ "${DBRX_CUDA_SKIP:-0}" = 1 ] && mvn_flags+=(-Ddbrx.cuda.skip=true)
+[ -n "${DBRX_NATIVE_CUDA_DIR:-}" ] && mvn_flags+=("-Ddbrx.native.cuda.dir=$DBRX_NATIVE_CUDA_DIR")
 
 echo "== jvm-test: mvn install (native build, bindings, SDK, CLI, JUnit)"
 mvn "${mvn_flags[@]}" install

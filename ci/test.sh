@@ -29,6 +29,10 @@ fi
 
 if [ "${SKIP_JVM:-0}" != 1 ] && [ -f ci/jvm-test.sh ]; then
   step "JVM build and tests"
+  # The CUDA classifier jar reuses build/ when it has the CUDA backend, instead of compiling it again.
+  if grep -q '^CMAKE_CUDA_COMPILER:[^=]*=.\+' build/CMakeCache.txt 2>/dev/null; then
+    export DBRX_NATIVE_CUDA_DIR="$root/build"
+  fi
   bash ci/jvm-test.sh
 fi
 step "all tests passed"
