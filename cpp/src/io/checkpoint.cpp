@@ -1,11 +1,10 @@
 #include "io/checkpoint.h"
 
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <set>
-#include <sstream>
 
+#include "io/read_file.h"
 #include "io/strict_json.h"
 #include "util/error.h"
 
@@ -36,15 +35,6 @@ void check_shard_name(const std::string &index_path, const std::string &tensor, 
     if (p.is_absolute() || shard.front() == '/') reject("is an absolute path; shards must lie inside the checkpoint directory");
     for (const auto &part : p)
         if (part == "..") reject("escapes the checkpoint directory");
-}
-
-std::string read_file(const std::string &path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail(DBRX_ERR_IO, path + ": cannot open");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) fail(DBRX_ERR_IO, path + ": read failed");
-    return ss.str();
 }
 
 // weight_map of the index: tensor name -> shard file name (validated).

@@ -2,10 +2,9 @@
 
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <limits>
-#include <sstream>
 
+#include "io/read_file.h"
 #include "io/strict_json.h"
 #include "util/error.h"
 
@@ -146,15 +145,6 @@ std::vector<int32_t> read_eos(const std::string &generation_json, const std::str
     return ids;
 }
 
-std::string read_text_file(const std::string &path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail(DBRX_ERR_IO, path + ": cannot open");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) fail(DBRX_ERR_IO, path + ": read failed");
-    return ss.str();
-}
-
 }  // namespace
 
 ModelConfig parse_model_config(const std::string &config_json, const std::string &generation_json,
@@ -186,12 +176,12 @@ ModelConfig parse_model_config(const std::string &config_json, const std::string
 
 ModelConfig load_model_config(const std::string &dir) {
     namespace fs = std::filesystem;
-    std::string config = read_text_file((fs::path(dir) / "config.json").string());
+    std::string config = read_file((fs::path(dir) / "config.json").string());
     std::string generation;
     fs::path gen_path = fs::path(dir) / "generation_config.json";
     std::error_code ec;
     if (fs::exists(gen_path, ec)) {
-        generation = read_text_file(gen_path.string());
+        generation = read_file(gen_path.string());
         // An empty file would otherwise read as "absent".
         if (generation.empty()) bad_checkpoint(gen_path.string() + ": empty file");
     }
