@@ -56,11 +56,14 @@ int cmd_throughput(int argc, char **argv) {
         }
     }
     double total_s = std::chrono::duration<double>(clock::now() - t0).count();
+    dbrx_engine_stats st{};
+    check(dbrx_engine_get_stats(m.engine, &st), "reading engine stats");
     const double decode_s = total_s - first_token_s;
     std::printf("model: %d layers, d_model %d, %d experts top-%d, vocab %d, device %s\n", m.info.n_layers,
                 m.info.d_model, m.info.n_experts, m.info.top_k, m.info.n_vocab,
                 m.info.device == DBRX_DEVICE_CUDA ? "cuda" : "cpu");
-    std::printf("batch %d, prompt %d, generate %d\n", batch, prompt_len, gen);
+    std::printf("batch %d, prompt %d, generate %d: %lld engine steps, %lld preemptions\n", batch, prompt_len, gen,
+                static_cast<long long>(st.steps), static_cast<long long>(st.preemptions));
     std::printf("prefill: %.3f s until every first token, %.1f prompt tokens/s\n", first_token_s,
                 batch * static_cast<double>(prompt_len) / first_token_s);
     std::printf("decode:  %.3f s for the rest, %.1f tokens/s (%.2f ms per step)\n", decode_s,
