@@ -6,8 +6,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -18,45 +16,15 @@
 
 #include "io/checkpoint.h"
 #include "model/backend.h"
+#include "test_safetensors_writer.h"
 #include "util/error.h"
 
 namespace dbrx {
 namespace {
 
-// A fresh temporary directory, removed with its contents at the end of the test.
-class TempDir {
-public:
-    TempDir() : path_(std::filesystem::temp_directory_path() / ("dbrx-cpu-test-" + std::to_string(std::random_device{}()))) {
-        std::filesystem::create_directories(path_);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    std::string str() const { return path_.string(); }
-    std::string file(const std::string &name) const { return (path_ / name).string(); }
-
-private:
-    std::filesystem::path path_;
-};
-
-void write_file(const std::string &path, const std::string &bytes) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    ASSERT_TRUE(out.good()) << "cannot write " << path;
-}
-
-// Runs fn, expecting dbrx::Error with `status` and a message containing `needle`.
-template <typename Fn>
-void expect_error(Fn &&fn, dbrx_status status, const std::string &needle) {
-    try {
-        fn();
-        ADD_FAILURE() << "no error thrown; expected one containing \"" << needle << "\"";
-    } catch (const Error &e) {
-        EXPECT_EQ(e.status(), status) << e.what();
-        EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-    }
-}
+using iotest::expect_error;
+using iotest::TempDir;
+using iotest::write_file;
 
 struct Shape {
     const char *name;
@@ -110,9 +78,7 @@ Tensors write_checkpoint(const TempDir &dir, const Shape &s, uint32_t seed) {
     }
     std::string text = header.dump();
     text.append((8 - text.size() % 8) % 8, ' ');
-    std::string image(8, '\0');  // u64 little-endian header length, header, data
-    for (int i = 0; i < 8; ++i) image[i] = static_cast<char>((text.size() >> (8 * i)) & 0xff);
-    write_file(dir.file("model.safetensors"), image + text + data);
+    write_file(dir.file("model.safetensors"), iotest::raw_safetensors(text, data));
     return out;
 }
 
