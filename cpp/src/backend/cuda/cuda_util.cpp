@@ -16,23 +16,9 @@ void throw_cublas(cublasStatus_t s, const char *what, const char *file, int line
 
 DeviceBuffer::DeviceBuffer(size_t bytes, const char *what) { reserve(bytes, what); }
 
-DeviceBuffer::~DeviceBuffer() {
-    if (ptr_) cudaFree(ptr_);
-}
-
-DeviceBuffer &DeviceBuffer::operator=(DeviceBuffer &&o) noexcept {
-    if (this != &o) {
-        if (ptr_) cudaFree(ptr_);
-        ptr_ = std::exchange(o.ptr_, nullptr);
-        bytes_ = std::exchange(o.bytes_, 0);
-    }
-    return *this;
-}
-
 void DeviceBuffer::reserve(size_t bytes, const char *what) {
     if (bytes <= bytes_) return;
-    if (ptr_) cudaFree(std::exchange(ptr_, nullptr));
-    bytes_ = 0;
+    release();
     cudaError_t err = cudaMalloc(&ptr_, bytes);
     if (err != cudaSuccess) {
         cudaGetLastError();  // clear the sticky-free allocation error
@@ -46,23 +32,9 @@ void DeviceBuffer::reserve(size_t bytes, const char *what) {
 
 PinnedBuffer::PinnedBuffer(size_t bytes) { reserve(bytes); }
 
-PinnedBuffer::~PinnedBuffer() {
-    if (ptr_) cudaFreeHost(ptr_);
-}
-
-PinnedBuffer &PinnedBuffer::operator=(PinnedBuffer &&o) noexcept {
-    if (this != &o) {
-        if (ptr_) cudaFreeHost(ptr_);
-        ptr_ = std::exchange(o.ptr_, nullptr);
-        bytes_ = std::exchange(o.bytes_, 0);
-    }
-    return *this;
-}
-
 void PinnedBuffer::reserve(size_t bytes) {
     if (bytes <= bytes_) return;
-    if (ptr_) cudaFreeHost(std::exchange(ptr_, nullptr));
-    bytes_ = 0;
+    release();
     DBRX_CUDA_CHECK(cudaMallocHost(&ptr_, bytes));
     bytes_ = bytes;
 }

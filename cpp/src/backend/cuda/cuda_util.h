@@ -31,46 +31,65 @@ namespace dbrx::cuda {
 // After a kernel launch: configuration errors surface here, not at the next sync.
 #define DBRX_CUDA_LAUNCH_CHECK() DBRX_CUDA_CHECK(cudaGetLastError())
 
-// Device memory from cudaMalloc (plain allocations; never managed memory).
-class DeviceBuffer {
+// Move-only owner of one CUDA allocation that Release::deallocate gives back (device or pinned host
+// memory); the derived buffers below allocate.
+template <class Release> class CudaAllocation {
 public:
-    DeviceBuffer() = default;
-    explicit DeviceBuffer(size_t bytes, const char *what = "device buffer");
-    ~DeviceBuffer();
-    DeviceBuffer(DeviceBuffer &&o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-    DeviceBuffer &operator=(DeviceBuffer &&o) noexcept;
-    DeviceBuffer(const DeviceBuffer &) = delete;
-    DeviceBuffer &operator=(const DeviceBuffer &) = delete;
+    CudaAllocation() = default;
+    ~CudaAllocation() {
+        if (ptr_) Release::deallocate(ptr_);
+    }
+    CudaAllocation(CudaAllocation &&o) noexcept
+        : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+    CudaAllocation &operator=(CudaAllocation &&o) noexcept {
+        if (this != &o) {
+            if (ptr_) Release::deallocate(ptr_);
+            ptr_ = std::exchange(o.ptr_, nullptr);
+            bytes_ = std::exchange(o.bytes_, 0);
+        }
+        return *this;
+    }
+    CudaAllocation(const CudaAllocation &) = delete;
+    CudaAllocation &operator=(const CudaAllocation &) = delete;
 
-    // Grows (never shrinks) to at least `bytes`; contents are not kept.
-    void reserve(size_t bytes, const char *what = "device buffer");
     void *get() const { return ptr_; }
     template <class T> T *as() const { return static_cast<T *>(ptr_); }
     size_t bytes() const { return bytes_; }
 
-private:
+protected:
+    // Frees the allocation before a larger one replaces it (contents are not kept).
+    void release() {
+        if (ptr_) Release::deallocate(std::exchange(ptr_, nullptr));
+        bytes_ = 0;
+    }
+
     void *ptr_ = nullptr;
     size_t bytes_ = 0;
 };
 
+struct DeviceFree {
+    static void deallocate(void *p) { cudaFree(p); }
+};
+struct PinnedFree {
+    static void deallocate(void *p) { cudaFreeHost(p); }
+};
+
+// Device memory from cudaMalloc (plain allocations; never managed memory).
+class DeviceBuffer : public CudaAllocation<DeviceFree> {
+public:
+    DeviceBuffer() = default;
+    explicit DeviceBuffer(size_t bytes, const char *what = "device buffer");
+    // Grows (never shrinks) to at least `bytes`; contents are not kept.
+    void reserve(size_t bytes, const char *what = "device buffer");
+};
+
 // Page-locked host memory (staging for uploads and the per-step metadata).
-class PinnedBuffer {
+class PinnedBuffer : public CudaAllocation<PinnedFree> {
 public:
     PinnedBuffer() = default;
     explicit PinnedBuffer(size_t bytes);
-    ~PinnedBuffer();
-    PinnedBuffer(PinnedBuffer &&o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
-    PinnedBuffer &operator=(PinnedBuffer &&o) noexcept;
-    PinnedBuffer(const PinnedBuffer &) = delete;
-    PinnedBuffer &operator=(const PinnedBuffer &) = delete;
+    // Grows (never shrinks) to at least `bytes`; contents are not kept.
     void reserve(size_t bytes);
-    void *get() const { return ptr_; }
-    template <class T> T *as() const { return static_cast<T *>(ptr_); }
-    size_t bytes() const { return bytes_; }
-
-private:
-    void *ptr_ = nullptr;
-    size_t bytes_ = 0;
 };
 
 class Stream {
