@@ -7,13 +7,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
+#include "backend_seq.h"
 #include "model/backend.h"
 #include "reference_fixture.h"
 
@@ -27,31 +27,9 @@ constexpr double kMarginFloor = 1e-2;
 using dbrx::testing::RefCase;
 using Fixture = dbrx::testing::ReferenceFixture;
 
-// One sequence in a pool: its block table and how many positions are cached.
-struct Seq {
-    std::vector<int32_t> blocks;
-    int32_t cached = 0;
-};
-
-std::vector<int32_t> sequential_blocks(int32_t first, int32_t count) {
-    std::vector<int32_t> b(count);
-    std::iota(b.begin(), b.end(), first);
-    return b;
-}
-
-// Feeds `tokens` to the sequence in chunks of `chunk` (0 = all at once) and returns the last logits.
-std::vector<float> prefill(Backend &be, KvPool &pool, Seq &seq, const std::vector<int32_t> &tokens, size_t chunk,
-                           int32_t vocab) {
-    std::vector<float> logits(vocab);
-    if (chunk == 0) chunk = tokens.size();
-    for (size_t i = 0; i < tokens.size(); i += chunk) {
-        size_t n = std::min(chunk, tokens.size() - i);
-        SeqStep step{std::span<const int32_t>(tokens.data() + i, n), seq.cached, seq.blocks, i + n == tokens.size()};
-        be.forward(pool, std::span<const SeqStep>(&step, 1), logits.data());
-        seq.cached += static_cast<int32_t>(n);
-    }
-    return logits;
-}
+using dbrx::testing::prefill;
+using dbrx::testing::Seq;
+using dbrx::testing::sequential_blocks;
 
 float max_diff(const float *a, const float *b, int32_t n) {
     float m = 0;

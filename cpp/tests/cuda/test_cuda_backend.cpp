@@ -6,9 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <numeric>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend_seq.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "reference_fixture.h"
@@ -39,30 +39,9 @@ struct Fixture : dbrx::testing::ReferenceFixture {
     }
 };
 
-struct Seq {
-    std::vector<int32_t> blocks;
-    int32_t cached = 0;
-};
-
-Seq make_seq(int32_t first_block, int32_t n_blocks) {
-    Seq s;
-    s.blocks.resize(n_blocks);
-    std::iota(s.blocks.begin(), s.blocks.end(), first_block);
-    return s;
-}
-
-std::vector<float> feed(Backend &be, KvPool &pool, Seq &seq, const std::vector<int32_t> &tokens, size_t chunk,
-                        int32_t vocab) {
-    std::vector<float> logits(vocab);
-    if (chunk == 0) chunk = tokens.size();
-    for (size_t i = 0; i < tokens.size(); i += chunk) {
-        const size_t n = std::min(chunk, tokens.size() - i);
-        SeqStep step{std::span<const int32_t>(tokens.data() + i, n), seq.cached, seq.blocks, i + n == tokens.size()};
-        be.forward(pool, std::span<const SeqStep>(&step, 1), logits.data());
-        seq.cached += static_cast<int32_t>(n);
-    }
-    return logits;
-}
+using dbrx::testing::prefill;
+using dbrx::testing::Seq;
+using dbrx::testing::sequential_blocks;
 
 double max_abs_diff(const std::vector<float> &a, const std::vector<float> &b) {
     double m = 0;
@@ -81,8 +60,8 @@ TEST_P(CudaConformance, LastLogitsAndGreedy) {
     auto pool = f.backend->create_kv_pool(64, kBlockSize);
     for (size_t ci = 0; ci < f.cases.size(); ++ci) {
         const RefCase &c = f.cases[ci];
-        Seq seq = make_seq(0, 64);
-        auto logits = feed(*f.backend, *pool, seq, c.prompt, 0, f.vocab());
+        Seq seq{sequential_blocks(0, 64)};
+        auto logits = prefill(*f.backend, *pool, seq, c.prompt, 0, f.vocab());
         const double err = max_abs_diff(logits, f.last_logits(ci));
         std::printf("%s case %zu (prompt %zu): max |last logit - ref| = %.4f\n", GetParam(), ci, c.prompt.size(), err);
         EXPECT_LE(err, kLogitTolerance) << "case " << ci;
@@ -93,7 +72,7 @@ TEST_P(CudaConformance, LastLogitsAndGreedy) {
                 EXPECT_EQ(argmax(logits), c.greedy[s]) << "case " << ci << " greedy step " << s;
                 ++checked;
             }
-            if (s + 1 < c.greedy.size()) logits = feed(*f.backend, *pool, seq, {c.greedy[s]}, 0, f.vocab());
+            if (s + 1 < c.greedy.size()) logits = prefill(*f.backend, *pool, seq, {c.greedy[s]}, 0, f.vocab());
         }
         std::printf("%s case %zu: %d of %zu greedy steps have margin > %.1f and were checked\n", GetParam(), ci,
                     checked, c.greedy.size(), kMarginFloor);
@@ -110,23 +89,23 @@ TEST_P(CudaConformance, ChunkingBatchingAndMoePathAgree) {
     // One sequence at a time, prompts whole.
     std::vector<std::vector<float>> alone;
     for (size_t ci = 0; ci < f.cases.size(); ++ci) {
-        Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
-        alone.push_back(feed(*f.backend, *pool, s, f.cases[ci].prompt, 0, V));
+        Seq s{sequential_blocks(static_cast<int32_t>(ci) * per_seq, per_seq)};
+        alone.push_back(prefill(*f.backend, *pool, s, f.cases[ci].prompt, 0, V));
     }
     // Chunks of 7 tokens (the split-K kernel) and of 20 (flash attention over a cached prefix). Chunks
     // below kFlashMinTokens take a different attention kernel (fp32 P instead of bf16) than the whole
     // prompt, so these are held to half the reference tolerance rather than to bitwise equality.
     for (size_t chunk : {size_t{7}, size_t{20}})
         for (size_t ci = 0; ci < f.cases.size(); ++ci) {
-            Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
-            auto got = feed(*f.backend, *pool, s, f.cases[ci].prompt, chunk, V);
+            Seq s{sequential_blocks(static_cast<int32_t>(ci) * per_seq, per_seq)};
+            auto got = prefill(*f.backend, *pool, s, f.cases[ci].prompt, chunk, V);
             EXPECT_LE(max_abs_diff(got, alone[ci]), 5e-2) << "prefill in chunks of " << chunk << ", case " << ci;
         }
     // All prompts in one batch, in the second half of the pool.
     std::vector<Seq> seqs;
     std::vector<SeqStep> steps;
     for (size_t ci = 0; ci < f.cases.size(); ++ci)
-        seqs.push_back(make_seq(static_cast<int32_t>(f.cases.size() + ci) * per_seq, per_seq));
+        seqs.push_back(Seq{sequential_blocks(static_cast<int32_t>(f.cases.size() + ci) * per_seq, per_seq)});
     for (size_t ci = 0; ci < f.cases.size(); ++ci)
         steps.push_back(SeqStep{f.cases[ci].prompt, 0, seqs[ci].blocks, true});
     std::vector<float> batched(f.cases.size() * V);
@@ -153,8 +132,8 @@ TEST_P(CudaConformance, ChunkingBatchingAndMoePathAgree) {
     // Prefill attention through the split-K kernel instead of flash attention.
     cuda->set_flash_prefill(false);
     for (size_t ci = 0; ci < f.cases.size(); ++ci) {
-        Seq s = make_seq(static_cast<int32_t>(ci) * per_seq, per_seq);
-        auto got = feed(*f.backend, *pool, s, f.cases[ci].prompt, 0, V);
+        Seq s{sequential_blocks(static_cast<int32_t>(ci) * per_seq, per_seq)};
+        auto got = prefill(*f.backend, *pool, s, f.cases[ci].prompt, 0, V);
         EXPECT_LE(max_abs_diff(got, alone[ci]), 5e-2) << "split-K vs flash prefill, case " << ci;
     }
     cuda->set_flash_prefill(true);
