@@ -19,9 +19,7 @@ namespace dbrx::dist {
 namespace {
 
 using cpu::CpuKvPool;
-
-// Same figure as the one-rank CPU backend: all ranks share the host's memory.
-constexpr int64_t kCpuKvMemory = int64_t{2} << 30;
+using cpu::kCpuKvMemory;  // all ranks share the host's memory
 
 // One KV pool per rank, each holding that rank's KV heads (none on ranks without attention).
 class ShardedKvPool final : public KvPool {

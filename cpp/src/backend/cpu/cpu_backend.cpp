@@ -19,10 +19,7 @@ namespace dbrx {
 namespace {
 
 using cpu::CpuKvPool;
-
-// Memory the CPU backend offers to a KV pool when the caller gives only a fraction: a fixed 2 GiB,
-// because host RAM is shared with everything else on the machine and the weights stay mmapped.
-constexpr int64_t kCpuKvMemory = int64_t{2} << 30;
+using cpu::kCpuKvMemory;
 
 class CpuBackend final : public Backend {
 public:

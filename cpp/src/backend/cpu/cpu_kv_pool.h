@@ -10,6 +10,11 @@
 
 namespace dbrx::cpu {
 
+// Memory a CPU KV pool is offered when the caller gives only a fraction (all CPU backends, sharded or
+// not): a fixed 2 GiB, because host RAM is shared with everything else on the machine and the weights
+// stay mmapped.
+constexpr int64_t kCpuKvMemory = int64_t{2} << 30;
+
 class CpuKvPool final : public KvPool {
 public:
     // Throws DBRX_ERR_INVALID_ARGUMENT for non-positive sizes, DBRX_ERR_OUT_OF_MEMORY when the
