@@ -94,7 +94,10 @@ class DbrxModel internal constructor(
                     val t = session.next(GenerationSession.POLL_MS)
                     if (t != null) tokens.add(t) else if (session.isFinished) break
                 }
-                Completion(tokens.joinToString("") { it.text }, tokens, session.finishReason!!, session.promptTokens)
+                Completion(
+                    tokens.joinToString("") { it.text }, tokens, session.finishReason!!, session.promptTokens,
+                    session.promptLogits,
+                )
             } finally {
                 session.close()
             }

@@ -5,7 +5,7 @@ import java.util.Collections
 /**
  * Every sampling option of the engine, plus what the SDK adds (stop strings). Immutable; build with
  * [builder]. Defaults: greedy (temperature 0), 256 tokens, stop on the checkpoint's eos ids and
- * `<|im_end|>`, no logprobs.
+ * `<|im_end|>`, no logprobs, no prompt logits.
  */
 class SamplingOptions private constructor(b: Builder) {
     val temperature: Float = b.temperature
@@ -20,6 +20,8 @@ class SamplingOptions private constructor(b: Builder) {
     val maxTokens: Int = b.maxTokens
     val logprobs: Boolean = b.logprobs
     val topLogprobs: Int = b.topLogprobs
+    /** Keep the last prompt position's logits for [Completion.promptLogits]. */
+    val promptLogits: Boolean = b.promptLogits
     val stopStrings: List<String> = Collections.unmodifiableList(b.stopStrings.toList())
     /** null: the checkpoint's eos ids plus `<|im_end|>`; empty: never stop on a token. */
     val stopTokenIds: List<Int>? = b.stopTokenIds?.let { Collections.unmodifiableList(it.toList()) }
@@ -38,6 +40,7 @@ class SamplingOptions private constructor(b: Builder) {
         internal var maxTokens = from?.maxTokens ?: 256
         internal var logprobs = from?.logprobs ?: false
         internal var topLogprobs = from?.topLogprobs ?: 0
+        internal var promptLogits = from?.promptLogits ?: false
         internal var stopStrings: MutableList<String> = from?.stopStrings?.toMutableList() ?: mutableListOf()
         internal var stopTokenIds: List<Int>? = from?.stopTokenIds
 
@@ -56,6 +59,11 @@ class SamplingOptions private constructor(b: Builder) {
         fun logprobs(enabled: Boolean) = apply { logprobs = enabled }
         /** Also report up to n (<= 20) alternatives per position; implies [logprobs]. */
         fun topLogprobs(n: Int) = apply { topLogprobs = n; if (n > 0) logprobs = true }
+        /**
+         * Keep the logits (vocabSize floats) of the last prompt position, the distribution the first token
+         * is drawn from, for [Completion.promptLogits] and [TokenStream.promptLogits].
+         */
+        fun promptLogits(enabled: Boolean) = apply { promptLogits = enabled }
         /** Stop when the generated text contains one of these; the text ends before it. */
         fun stop(vararg strings: String) = apply { stopStrings.addAll(strings) }
         fun stopStrings(strings: List<String>) = apply { stopStrings = strings.toMutableList() }
@@ -74,6 +82,6 @@ class SamplingOptions private constructor(b: Builder) {
 
     override fun toString() = "SamplingOptions(temperature=$temperature, topK=$topK, topP=$topP, minP=$minP, " +
         "repetitionPenalty=$repetitionPenalty, presencePenalty=$presencePenalty, frequencyPenalty=$frequencyPenalty, " +
-        "seed=$seed, maxTokens=$maxTokens, logprobs=$logprobs, topLogprobs=$topLogprobs, stop=$stopStrings, " +
-        "stopTokenIds=$stopTokenIds)"
+        "seed=$seed, maxTokens=$maxTokens, logprobs=$logprobs, topLogprobs=$topLogprobs, promptLogits=$promptLogits, " +
+        "stop=$stopStrings, stopTokenIds=$stopTokenIds)"
 }

@@ -43,11 +43,20 @@ class TokenStream internal constructor(private val session: GenerationSession) :
     /** Number of prompt tokens submitted. */
     fun promptTokens(): Int = session.promptTokens
 
+    /**
+     * The last prompt position's logits (a fresh copy) once the first token has arrived, when
+     * [SamplingOptions.promptLogits] asked for them; null before that or otherwise.
+     */
+    fun promptLogits(): FloatArray? = session.promptLogits?.copyOf()
+
     /** Reads the rest of the stream into a [Completion] (together with [consumed] tokens already taken). */
     internal fun drain(consumed: List<Token> = emptyList()): Completion {
         val tokens = ArrayList(consumed)
         while (hasNext()) tokens.add(next())
-        return Completion(tokens.joinToString("") { it.text }, tokens, session.finishReason ?: FinishReason.CANCELLED, promptTokens())
+        return Completion(
+            tokens.joinToString("") { it.text }, tokens, session.finishReason ?: FinishReason.CANCELLED, promptTokens(),
+            session.promptLogits,
+        )
     }
 
     /** Idempotent and thread-safe: cancels the request if it still runs. */

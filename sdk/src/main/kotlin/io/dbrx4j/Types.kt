@@ -41,10 +41,17 @@ class Completion internal constructor(
     tokens: List<Token>,
     val finishReason: FinishReason,
     val promptTokens: Int,
+    private val lastPromptLogits: FloatArray? = null,
 ) {
     val tokens: List<Token> = Collections.unmodifiableList(tokens)
     /** The generated ids, in order (stop tokens included). */
     val tokenIds: IntArray get() = IntArray(tokens.size) { tokens[it].id }
+    /**
+     * The logits ([ModelInfo.vocabSize] floats) of the last prompt position, the distribution the first
+     * token was drawn from; null unless [SamplingOptions.promptLogits] was set, or when the generation ended
+     * before its first token. Each call returns a fresh copy.
+     */
+    val promptLogits: FloatArray? get() = lastPromptLogits?.copyOf()
     override fun toString() = "Completion(text=${quote(text)}, tokens=${tokens.size}, finishReason=$finishReason)"
 }
 

@@ -1,6 +1,7 @@
 package io.dbrx4j;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertNull;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import java.util.List;
@@ -30,6 +31,10 @@ class JavaApiTest {
         Completion completion = future.get(60, TimeUnit.SECONDS);
         assertEquals(ids.size(), completion.getTokens().size());
         assertEquals(FinishReason.LENGTH, completion.getFinishReason());
+        assertNull(completion.getPromptLogits());
+
+        float[] logits = model.complete(prompt, options.toBuilder().promptLogits(true).build()).getPromptLogits();
+        assertEquals(model.getInfo().getVocabSize(), logits.length);
 
         Completion chat = model.complete(
             Prompt.chat(ChatMessage.system("Be terse."), ChatMessage.user("Hi")), SamplingOptions.greedy(3));

@@ -32,6 +32,7 @@ internal class GenerationSession(
     private val assembler = TokenAssembler(tokenizer, options.stopStrings)
     private val ready = ArrayDeque<Token>()
     private val buffer = dbrx_token(POLL_CAP.toLong())
+    private val keepPromptLogits = options.promptLogits
     private val id: Long
     private var released = false
 
@@ -40,6 +41,13 @@ internal class GenerationSession(
         private set
 
     val isFinished: Boolean get() = finishReason != null && lock.withLock { ready.isEmpty() }
+
+    /**
+     * The last prompt position's logits when [SamplingOptions.promptLogits] asked for them: read from the
+     * engine with the first token, since the native request (and its copy) is gone once released.
+     */
+    @Volatile var promptLogits: FloatArray? = null
+        private set
 
     init {
         try {
@@ -58,7 +66,7 @@ internal class GenerationSession(
             p.temperature(o.temperature).top_k(o.topK).top_p(o.topP).min_p(o.minP)
             p.repetition_penalty(o.repetitionPenalty).presence_penalty(o.presencePenalty)
             p.frequency_penalty(o.frequencyPenalty).max_tokens(o.maxTokens)
-            p.logprobs(o.logprobs).top_logprobs(o.topLogprobs)
+            p.logprobs(o.logprobs).top_logprobs(o.topLogprobs).keep_prompt_logits(o.promptLogits)
             o.seed?.let { p.has_seed(true).seed(it) }
             p.n_stop_ids(stopIds.size)
             stopIds.forEachIndexed { i, s -> p.stop_ids(i, s) }
@@ -75,6 +83,7 @@ internal class GenerationSession(
             return ready.pollFirst()
         }
         val result = engine.poll(id, timeoutMs, buffer, POLL_CAP)
+        if (keepPromptLogits && promptLogits == null && result.tokens.isNotEmpty()) promptLogits = engine.promptLogits(id)
         for (t in result.tokens) {
             if (assembler.stopped) break
             ready.addAll(assembler.accept(t))

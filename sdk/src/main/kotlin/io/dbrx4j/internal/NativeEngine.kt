@@ -68,6 +68,16 @@ internal class NativeEngine private constructor(
         PollResult(tokens, finish[0], error)
     }
 
+    /**
+     * The last prompt position's logits of request [id]: it must have been submitted with
+     * keep_prompt_logits and have produced a token, and not be released yet.
+     */
+    fun promptLogits(id: Long): FloatArray = call {
+        val out = FloatArray(info.vocabSize)
+        Native.check(dbrx.dbrx_engine_get_prompt_logits(engine, id, out, out.size), "dbrx_engine_get_prompt_logits")
+        out
+    }
+
     /** Idempotent; a request that already finished or was released, or a closed engine, is not an error. */
     fun cancel(id: Long) {
         lock.read { if (!closed) dbrx.dbrx_engine_cancel(engine, id) }
