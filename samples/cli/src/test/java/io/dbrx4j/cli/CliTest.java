@@ -49,7 +49,23 @@ class CliTest {
         Object[] r = run("eval", "--model", MODEL.toString(), "--cases", MODEL.resolve("reference.json").toString(),
             "--out", out.toString(), "--threads", "2", "--quiet", "--concurrency", "3");
         assertEquals(0, r[0]);
-        assertEquals(3, new ObjectMapper().readTree(out.toFile()).get("cases").size());
+        JsonNode cases = new ObjectMapper().readTree(out.toFile()).get("cases");
+        JsonNode reference = new ObjectMapper().readTree(MODEL.resolve("reference.json").toFile()).get("cases");
+        int vocab = new ObjectMapper().readTree(MODEL.resolve("config.json").toFile()).get("vocab_size").asInt();
+        assertEquals(3, cases.size());
+        for (int i = 0; i < cases.size(); i++) {
+            JsonNode logits = cases.get(i).get("last_logits");
+            assertEquals(vocab, logits.size(), "case " + i + ": one last logit per vocabulary entry");
+            assertEquals(reference.get(i).get("greedy_ids").size(), cases.get(i).get("greedy_ids").size());
+            assertEquals(argmax(logits), cases.get(i).get("greedy_ids").get(0).asInt(),
+                "case " + i + ": the first greedy id is the argmax of last_logits");
+        }
+    }
+
+    private static int argmax(JsonNode values) {
+        int best = 0;
+        for (int v = 1; v < values.size(); v++) if (values.get(v).asDouble() > values.get(best).asDouble()) best = v;
+        return best;
     }
 
     @Test
