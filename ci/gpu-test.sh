@@ -4,6 +4,7 @@
 # full-width benchmarks and, in the same run, the PyTorch peers, and ends with one table
 # ours / floor / peer.
 #   ci/gpu-test.sh [--stages build,tests,bench,peers[,profile]] [--layers N] [--quick] [--budget SECONDS]
+#                  [--filter GTEST_FILTER] [--only moe,attention,e2e]   (subsets, for kernel work)
 # Logs and results go to $OUT (default ./gpu-out): summary.txt, cuda-tests.log, bench.log, bench.json,
 # peers.log, peers.json, profile.log, table.md (build.log when the build fails). Each stage gets what is left of --budget (default 570 s), so a
 # slow stage cannot eat the whole run. Needs .deps (ci/deps.sh --vendor) where the machine lacks
@@ -15,12 +16,16 @@ stages="build,tests,bench,peers"
 layers=2
 quick=""
 budget=570
+filter="*"
+only="moe,attention,e2e"
 while [ $# -gt 0 ]; do
   case "$1" in
     --stages) stages="$2"; shift 2 ;;
     --layers) layers="$2"; shift 2 ;;
     --quick) quick="--quick"; shift ;;
     --budget) budget="$2"; shift 2 ;;
+    --filter) filter="$2"; shift 2 ;;
+    --only) only="$2"; shift 2 ;;
     *) echo "gpu-test.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -54,10 +59,10 @@ if has build; then
   rm -f "$out/build.log"  # only 8 files come back from the machine; keep the build log on failure only
 fi
 if has tests; then
-  step tests cuda-tests.log $build/bin/dbrx_cuda_tests --gtest_color=no
+  step tests cuda-tests.log $build/bin/dbrx_cuda_tests --gtest_color=no --gtest_filter="$filter"
 fi
 if has bench; then
-  step bench bench.log $build/bin/dbrx bench --synthetic dbrx --layers "$layers" $quick --json "$out/bench.json"
+  step bench bench.log $build/bin/dbrx bench --synthetic dbrx --layers "$layers" $quick --only "$only" --json "$out/bench.json"
 fi
 if has profile; then
   # Per-kernel time and memory throughput of one decode-sized MoE layer and attention (Nsight Compute;

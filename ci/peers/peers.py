@@ -42,6 +42,7 @@ def sdpa(quick):
     H, KV, hd = 48, 8, 128
     dev, dt = "cuda", torch.bfloat16
     cases = [("attention decode B=1 ctx=4096", 1, 1, 4096, False),
+             ("attention decode B=1 ctx=32768", 1, 1, 32768, False),
              ("attention decode B=64 ctx=8192", 64, 1, 8192, False),
              ("attention prefill causal S=4096", 1, 4096, 4096, True)]
     if not quick:

@@ -84,6 +84,11 @@ int run_bench(int argc, char **argv) {
     const bool quick = args.str("quick") == "true";
     const std::string json_path = args.str("json");
     const int64_t device = args.integer("device-id", 0, 0, 64);
+    // --only moe,attention,e2e: a subset of the figures (all by default), for quick kernel work.
+    const std::string only = "," + args.str("only", "moe,attention,e2e") + ",";
+    auto wants = [&](const char *part) { return only.find("," + std::string(part) + ",") != std::string::npos; };
+    if (!wants("moe") && !wants("attention") && !wants("e2e"))
+        throw UsageError("--only takes a comma list of moe, attention, e2e; got '" + args.str("only") + "'");
     args.reject_unknown();
     try {
         cuda::set_device(static_cast<int>(device));
@@ -95,8 +100,9 @@ int run_bench(int argc, char **argv) {
         std::printf("measured ceilings: HBM read %.2f TB/s, bf16 GEMM (8192^3, cuBLAS) %.0f TFLOP/s\n\n",
                     c.read_bytes_per_s / 1e12, c.gemm_flops_per_s / 1e12);
         std::vector<bench::Row> rows;
-        bench::bench_kernels(stream.get(), c, quick, rows);
-        bench::bench_end_to_end(layers, c, quick, rows);
+        if (wants("moe")) bench::bench_moe(stream.get(), c, quick, rows);
+        if (wants("attention")) bench::bench_attention_all(stream.get(), c, quick, rows);
+        if (wants("e2e")) bench::bench_end_to_end(layers, c, quick, rows);
         std::printf("\n%-44s %11s %11s %9s  %-18s %s\n", "figure", "ours ms", "floor ms", "fraction", "floor basis",
                     "achieved");
         nlohmann::json out = {{"device", prop.name},

@@ -33,8 +33,10 @@ struct Row {
 double floor_ms(double bytes, double flops, const Ceilings &c);
 std::string bytes_flops_basis(double bytes, double flops, const Ceilings &c);
 
-// Kernel-level figures: MoE layer, attention prefill and decode (bench_cuda_kernels.cpp).
-void bench_kernels(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows);
+// Kernel-level figures (bench_cuda_kernels.cpp): one MoE layer at several token counts; attention
+// prefill and paged decode.
+void bench_moe(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows);
+void bench_attention_all(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows);
 // End-to-end figures through the CUDA backend on a synthetic model (bench_cuda_e2e.cpp).
 void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector<Row> &rows);
 

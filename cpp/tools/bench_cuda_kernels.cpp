@@ -22,6 +22,8 @@ std::string rate(double v, const char *unit) {
     return b;
 }
 
+}  // namespace
+
 void bench_moe(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows) {
     const ModelConfig cfg = dbrx_config(1);
     const int64_t d = cfg.d_model, F = cfg.ffn_hidden, E = cfg.n_experts, k = cfg.top_k;
@@ -55,6 +57,8 @@ void bench_moe(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<R
         std::fflush(stdout);
     }
 }
+
+namespace {
 
 // A paged cache of `seqs` sequences of `ctx` positions (random contents) and queries for the last
 // `n_new` positions of each; times attention over it.
@@ -123,9 +127,9 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
 
 }  // namespace
 
-void bench_kernels(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows) {
-    bench_moe(stream, c, quick, rows);
+void bench_attention_all(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows) {
     bench_attention(stream, c, "attention decode B=1 ctx=4096", 1, 4096, 1, rows);
+    bench_attention(stream, c, "attention decode B=1 ctx=32768", 1, 32768, 1, rows);
     bench_attention(stream, c, "attention decode B=64 ctx=8192", 64, 8192, 1, rows);
     bench_attention(stream, c, "attention prefill causal S=4096", 1, 4096, 4096, rows);
     if (!quick) bench_attention(stream, c, "attention prefill causal S=16384", 1, 16384, 16384, rows);
