@@ -3,9 +3,10 @@
 # CUDA tests (kernels vs the CPU reference kernels, conformance on both fixtures), the synthetic
 # full-width benchmarks and, in the same run, the PyTorch peers, and ends with one table
 # ours / floor / peer.
-#   ci/gpu-test.sh [--stages build,tests,bench,peers[,profile]] [--layers N] [--quick] [--budget SECONDS]
+#   ci/gpu-test.sh [--stages build,tests,bench,peers[,profile]] [--layers N[,M...]] [--quick] [--budget SECONDS]
 #                  [--filter GTEST_FILTER] [--only moe,attention,e2e]   (subsets, for kernel work)
-# Logs and results go to $OUT (default ./gpu-out): summary.txt, cuda-tests.log, bench.log, bench.json,
+# --layers 8,2: every figure with 8 synthetic layers, then the end-to-end figures again with 2 layers,
+# the depth at which the Hugging Face peer runs (the last value). Logs and results go to $OUT (default ./gpu-out): summary.txt, cuda-tests.log, bench.log, bench.json,
 # peers.log, peers.json, profile.log, table.md (build.log when the build fails). Each stage gets what is left of --budget (default 570 s), so a
 # slow stage cannot eat the whole run. Needs .deps (ci/deps.sh --vendor) where the machine lacks
 # nlohmann-json and GoogleTest.
@@ -62,7 +63,20 @@ if has tests; then
   step tests cuda-tests.log $build/bin/dbrx_cuda_tests --gtest_color=no --gtest_filter="$filter"
 fi
 if has bench; then
-  step bench bench.log $build/bin/dbrx bench --synthetic dbrx --layers "$layers" $quick --only "$only" --json "$out/bench.json"
+  first=${layers%%,*}
+  step bench bench.log $build/bin/dbrx bench --synthetic dbrx --layers "$first" $quick --only "$only" --json "$out/bench.json"
+  for n in $(echo "${layers#$first}" | tr ',' ' '); do
+    case ",$only," in *,e2e,*) ;; *) continue ;; esac
+    step "bench e2e $n layers" bench-$n.log $build/bin/dbrx bench --synthetic dbrx --layers "$n" $quick --only e2e \
+      --json "$out/bench-$n.json" && python3 - "$out/bench.json" "$out/bench-$n.json" <<'PY'
+import json, sys
+main, extra = (json.load(open(p)) for p in sys.argv[1:3])
+main["rows"] += extra["rows"]
+main["layers"] = f"{main['layers']} (and {extra['layers']} for the end-to-end rows that say so)"
+json.dump(main, open(sys.argv[1], "w"), indent=2)
+PY
+    rm -f "$out/bench-$n.json"
+  done
 fi
 if has profile; then
   # Per-kernel time and memory throughput of one decode-sized MoE layer and attention (Nsight Compute;
@@ -75,7 +89,7 @@ if has profile; then
 fi
 if has peers; then
   export PYTHONUNBUFFERED=1
-  step peers peers.log python3 ci/peers/peers.py --json "$out/peers.json" --layers "$layers" $quick
+  step peers peers.log python3 ci/peers/peers.py --json "$out/peers.json" --layers "${layers##*,}" $quick
 fi
 if [ -f "$out/bench.json" ]; then
   python3 ci/peers/table.py "$out/bench.json" "$out/peers.json" 2>/dev/null >"$out/table.md" \
