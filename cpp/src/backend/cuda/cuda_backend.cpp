@@ -93,9 +93,18 @@ std::unique_ptr<KvPool> CudaBackend::create_kv_pool(int32_t n_blocks, int32_t bl
 
 void CudaBackend::forward(KvPool &pool_base, std::span<const SeqStep> batch, float *logits) {
     std::lock_guard<std::mutex> lock(mutex_);
-    set_device(device_);
     auto *pool = dynamic_cast<CudaKvPool *>(&pool_base);
     if (!pool) invalid_argument("CUDA backend: the KV pool was not created by this backend");
+    const int32_t n_out = compute_logits(*pool, batch);
+    if (n_out > 0)
+        DBRX_CUDA_CHECK(cudaMemcpyAsync(logits, logits_.get(), sizeof(float) * n_out * model_->config.vocab_size,
+                                        cudaMemcpyDeviceToHost, stream_.get()));
+    DBRX_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+}
+
+int32_t CudaBackend::compute_logits(CudaKvPool &pool_ref, std::span<const SeqStep> batch) {
+    set_device(device_);
+    CudaKvPool *pool = &pool_ref;
     const ModelConfig &c = model_->config;
     const int32_t bs = pool->block_size();
 
@@ -126,7 +135,7 @@ void CudaBackend::forward(KvPool &pool_base, std::span<const SeqStep> batch, flo
         if (use_flash(n)) st.n_tiles += static_cast<int32_t>((n + kFlashTile - 1) / kFlashTile);
         else st.n_dec += static_cast<int32_t>(n);
     }
-    if (st.n_tokens == 0) return;
+    if (st.n_tokens == 0) return 0;
     st.ids = 0;
     st.pos = st.ids + st.n_tokens;
     st.seq = st.pos + st.n_tokens;
@@ -174,12 +183,12 @@ void CudaBackend::forward(KvPool &pool_base, std::span<const SeqStep> batch, flo
         logits_.reserve(sizeof(float) * st.n_out * static_cast<size_t>(c.vocab_size), "logits");
         layernorm(h_.as<float>(), m + st.out_rows, model_->norm_f.as<bf16_t>(), x_.as<bf16_t>(), st.n_out, c.d_model,
                   stream_.get());
-        gemm_xwt(blas_.get(), x_.as<bf16_t>(), st.n_out, c.d_model, model_->lm_head.as<bf16_t>(), c.vocab_size,
-                 logits_.as<float>());
-        DBRX_CUDA_CHECK(cudaMemcpyAsync(logits, logits_.get(), sizeof(float) * st.n_out * c.vocab_size,
-                                        cudaMemcpyDeviceToHost, stream_.get()));
+        if (hooks_) hooks_->lm_head(x_.as<bf16_t>(), st.n_out, logits_.as<float>(), blas_.get(), stream_.get());
+        else
+            gemm_xwt(blas_.get(), x_.as<bf16_t>(), st.n_out, c.d_model, model_->lm_head.as<bf16_t>(), c.vocab_size,
+                     logits_.as<float>());
     }
-    DBRX_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+    return st.n_out;
 }
 
 void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
@@ -209,19 +218,22 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
         const DeviceLayer &L = model_->layers[l];
         const KvLayer kv = pool.layer(l);
         layernorm(h_.as<float>(), nullptr, L.norm_1.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
-        gemm_xwt(blas_.get(), x_.as<bf16_t>(), T, d, L.wqkv.as<bf16_t>(), c.qkv_rows(), qkv_.as<float>());
+        gemm_xwt(blas_.get(), x_.as<bf16_t>(), T, d, L.wqkv.as<bf16_t>(), (H + 2 * c.n_kv_heads) * c.head_dim,
+                 qkv_.as<float>());  // == qkv_rows() unsharded; a rank's heads only when sharded
         qkv_epilogue(qkv_.as<float>(), T, H, clip, model_->inv_freq.as<float>(), tm, kv, q_.as<float>(), s);
         if (st.n_dec > 0)
             attention(q_.as<float>(), st.n_dec, H, tm, kv, st.max_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s,
                       dec_list);
         flash_prefill(q_.as<float>(), st.n_tiles, H, m + st.tiles, tm, kv, attn_.as<bf16_t>(), s);
-        gemm_xwt(blas_.get(), attn_.as<bf16_t>(), T, d, L.out_proj.as<bf16_t>(), d, h_.as<float>(), 1.f);
+        if (hooks_) hooks_->out_proj(l, attn_.as<bf16_t>(), T, h_.as<float>(), blas_.get(), s);
+        else gemm_xwt(blas_.get(), attn_.as<bf16_t>(), T, d, L.out_proj.as<bf16_t>(), d, h_.as<float>(), 1.f);
         layernorm(h_.as<float>(), nullptr, L.norm_2.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
         MoeWeights mw;
         mw.router = L.router.as<bf16_t>();
         mw.w13 = L.w13.as<bf16_t>();
         mw.w2 = L.w2.as<bf16_t>();
-        moe_.forward(x_.as<bf16_t>(), T, mw, h_.as<float>(), blas_.get(), s, moe_path_);
+        if (hooks_) hooks_->moe(l, x_.as<bf16_t>(), T, h_.as<float>(), blas_.get(), s);
+        else moe_.forward(x_.as<bf16_t>(), T, mw, h_.as<float>(), blas_.get(), s, moe_path_);
     }
 }
 

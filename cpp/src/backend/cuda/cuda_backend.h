@@ -9,6 +9,7 @@
 #include "backend/cuda/device_model.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/moe.h"
+#include "dist/cuda_rank_hooks.h"
 #include "model/backend.h"
 
 namespace dbrx::cuda {
@@ -34,6 +35,12 @@ public:
     int64_t kv_memory_available() const override;
     std::unique_ptr<KvPool> create_kv_pool(int32_t n_blocks, int32_t block_size) override;
     void forward(KvPool &pool, std::span<const SeqStep> batch, float *logits) override;
+    // The device stage of forward(): runs the step on stream() and leaves the n_out logits rows
+    // (fp32 [n_out][vocab], in batch order) in the device buffer logits_ without synchronising;
+    // returns n_out. Not serialised by itself: callers hold mutex_ (forward() does) and read
+    // logits_ on stream() before the next step.
+    int32_t compute_logits(CudaKvPool &pool, std::span<const SeqStep> batch);
+    const float *device_logits() const { return logits_.as<float>(); }
 
     const DeviceModel &model() const { return *model_; }
     cudaStream_t stream() const { return stream_.get(); }
@@ -41,6 +48,9 @@ public:
     void set_moe_path(MoePath p) { moe_path_ = p; }
     // For tests: prefill chunks through the split-K kernel instead of flash attention.
     void set_flash_prefill(bool on) { flash_ = on; }
+    // Makes this backend one rank of a sharded model (dist/sharded_cuda_backend.h): out_proj, the
+    // MoE and lm_head go through the hooks (null: the plain backend). The hooks must outlive it.
+    void set_rank_hooks(dist::CudaRankHooks *hooks) { hooks_ = hooks; }
 
 private:
     struct Step;  // host-side layout of one step's metadata
@@ -54,6 +64,7 @@ private:
     Moe moe_;
     MoePath moe_path_ = MoePath::Auto;
     bool flash_ = true;
+    dist::CudaRankHooks *hooks_ = nullptr;
     std::mutex mutex_;
     PinnedBuffer host_meta_;
     DeviceBuffer meta_, h_, x_, qkv_, q_, attn_, attn_scratch_, logits_;
