@@ -1,0 +1,100 @@
+// One GPU rank of the sharded CUDA backend (dist/sharded_cuda_backend.h): the CudaRankHooks that
+// turn a CudaBackend holding a shard into a rank, and the collectives it runs them with.
+// CUDA builds only: include it from code guarded by DBRX_WITH_CUDA.
+//
+// Per layer a rank all-reduces two [T][d] fp32 partial sums (out_proj, MoE) into the residual
+// stream, and per step all-gathers the last positions' logits of its vocabulary slice.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "backend/cuda/cuda_util.h"
+#include "backend/cuda/device_model.h"
+#include "backend/cuda/moe.h"
+#include "dist/communicator.h"
+#include "dist/cuda_rank_hooks.h"
+#include "dist/shard_plan.h"
+
+namespace dbrx::dist {
+
+// Collectives over device buffers, ordered on the caller's stream; synchronous for the caller and
+// failing with ENGINE_DEAD like Communicator (whose abort() fails them all).
+class RankReduce {
+public:
+    virtual ~RankReduce() = default;
+    virtual void all_reduce_sum(float *device_data, int64_t n, cudaStream_t stream) = 0;
+    // device_recv[r * n + i] = rank r's device_send[i].
+    virtual void all_gather(const float *device_send, int64_t n, float *device_recv, cudaStream_t stream) = 0;
+    virtual Communicator &communicator() = 0;
+};
+
+// Through host memory: device -> pinned host, comm's host collective, host -> device. Any
+// Communicator (a ThreadCommunicator in practice), so several ranks may share one GPU: this proves
+// the sharded CUDA math on a single GPU. comm must outlive the reducer.
+std::unique_ptr<RankReduce> make_host_reduce(Communicator &comm);
+// NCCL on the device buffers directly (comm must be a NcclCommunicator; its collectives are moved
+// onto `stream`, the rank backend's). Throws DBRX_ERR_UNSUPPORTED in builds without NCCL.
+std::unique_ptr<RankReduce> make_nccl_reduce(Communicator &comm, cudaStream_t stream);
+
+// Milliseconds spent in collectives, measured with CUDA events around each of them.
+struct CollectiveTime {
+    double ms = 0;
+    int64_t calls = 0;
+};
+
+class CudaRank final : public CudaRankHooks {
+public:
+    // model: the rank's shard (upload_model_shard), owned by the rank's CudaBackend; both, and
+    // reduce, must outlive this object. before_layer (may be empty) runs at the start of every
+    // layer's out_proj, before its all-reduce: fault injection in tests.
+    CudaRank(const ModelConfig &global, const ShardPlan &plan, int32_t rank, const cuda::DeviceModel &model,
+             RankReduce &reduce, std::function<void(int32_t rank, int32_t layer)> before_layer);
+    ~CudaRank() override;
+    CudaRank(const CudaRank &) = delete;
+    CudaRank &operator=(const CudaRank &) = delete;
+
+    void out_proj(int32_t layer, const bf16_t *attn, int32_t n_tokens, float *h, cublasHandle_t blas,
+                  cudaStream_t stream) override;
+    void moe(int32_t layer, const bf16_t *x, int32_t n_tokens, float *h, cublasHandle_t blas,
+             cudaStream_t stream) override;
+    void lm_head(const bf16_t *x, int32_t n_rows, float *logits, cublasHandle_t blas, cudaStream_t stream) override;
+
+    const RankShard &shard() const { return shard_; }
+    // Collective timing for benchmarks (off by default: the events cost a little).
+    void set_timing(bool on) { timing_ = on; }
+    // Time spent in collectives since the last call (synchronises the stream of the last step).
+    CollectiveTime take_timing();
+    // Device bytes of the rank's own step buffers (the hooks' share of the workspace).
+    int64_t workspace_bytes() const;
+
+private:
+    // partial (all ranks) -> h += sum.
+    void reduce_into(float *partial, int64_t n, float *h, cublasHandle_t blas, cudaStream_t stream);
+    void timed(cudaStream_t stream, const std::function<void()> &collective);
+    void expert_parallel_moe(const cuda::DeviceLayer &L, const bf16_t *x, int32_t T, float *out, cublasHandle_t blas,
+                             cudaStream_t stream);
+
+    const ModelConfig global_;
+    const ShardPlan plan_;
+    const RankShard shard_;
+    const cuda::DeviceModel &model_;
+    RankReduce &reduce_;
+    std::function<void(int32_t, int32_t)> before_layer_;
+    cuda::Moe moe_;  // the whole-expert path (ep == 1): every expert held, FFN rows split
+    bool timing_ = false;
+    std::vector<cudaEvent_t> events_;  // start/end pairs of this step's collectives
+    size_t used_events_ = 0;
+    cudaStream_t last_stream_ = nullptr;
+
+    cuda::DeviceBuffer partial_, gather_send_, gather_recv_;
+    // Expert-parallel MoE buffers.
+    cuda::DeviceBuffer logits_, experts_, weights_, offsets_, active_, perm_row_, row_token_, xp_, gu_, g_, y_;
+    cuda::PinnedBuffer host_offsets_;
+};
+
+}  // namespace dbrx::dist
