@@ -14,10 +14,28 @@ void throw_cublas(cublasStatus_t s, const char *what, const char *file, int line
                         std::to_string(line));
 }
 
+namespace {
+constexpr int kEpochDevices = 64;
+std::atomic<uint64_t> g_allocation_epoch[kEpochDevices];
+
+void count_allocation() {
+    int dev = 0;
+    // Devices beyond the table share its last slot (their graphs are then dropped more often).
+    if (cudaGetDevice(&dev) == cudaSuccess)
+        g_allocation_epoch[dev < kEpochDevices ? dev : kEpochDevices - 1].fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+
+uint64_t device_allocation_epoch(int device) {
+    return g_allocation_epoch[device >= 0 && device < kEpochDevices ? device : kEpochDevices - 1].load(
+        std::memory_order_relaxed);
+}
+
 DeviceBuffer::DeviceBuffer(size_t bytes, const char *what) { reserve(bytes, what); }
 
 void DeviceBuffer::reserve(size_t bytes, const char *what) {
     if (bytes <= bytes_) return;
+    count_allocation();  // before release(): the old address is gone even if the allocation fails
     release();
     cudaError_t err = cudaMalloc(&ptr_, bytes);
     if (err != cudaSuccess) {

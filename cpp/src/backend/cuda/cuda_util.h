@@ -83,6 +83,10 @@ public:
     void reserve(size_t bytes, const char *what = "device buffer");
 };
 
+// How many times a DeviceBuffer on `device` has (re)allocated so far. Device addresses captured in a
+// CUDA graph stay valid while this count is unchanged: a buffer moves only when reserve() grows it.
+uint64_t device_allocation_epoch(int device);
+
 // Page-locked host memory (staging for uploads and the per-step metadata).
 class PinnedBuffer : public CudaAllocation<PinnedFree> {
 public:
