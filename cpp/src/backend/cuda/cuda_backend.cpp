@@ -1,8 +1,12 @@
 #include "backend/cuda/cuda_backend.h"
 
 #include <algorithm>
+#include <atomic>
+#include <bit>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <vector>
 
 #include "backend/cuda/gemm.h"
@@ -11,6 +15,27 @@
 namespace dbrx::cuda {
 
 namespace {
+// Decode steps as CUDA graphs: at most this many graphs cached, steps of at most this many tokens,
+// and attention's context bound rounded up to a power of two of at least kMinCtxBucket.
+constexpr size_t kGraphCapacity = 64;
+constexpr int32_t kGraphMaxTokens = 512;
+constexpr int32_t kMinCtxBucket = 256;
+// cuBLAS's recommended workspace on Hopper; fixed so that captured GEMMs never allocate.
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+
+std::atomic<uint64_t> g_next_pool_serial{1};
+
+int32_t ctx_bucket(int32_t max_ctx) {
+    return static_cast<int32_t>(std::bit_ceil(static_cast<uint32_t>(std::max(max_ctx, kMinCtxBucket))));
+}
+
+bool graphs_from_env() {
+    const char *v = std::getenv("DBRX_CUDA_GRAPHS");
+    if (!v) return true;
+    const std::string_view s(v);
+    return !(s == "0" || s == "false" || s == "off");
+}
+
 MoeShape moe_shape(const ModelConfig &c) {
     MoeShape s;
     s.d_model = c.d_model;
@@ -29,7 +54,8 @@ int64_t CudaKvPool::bytes_per_block(const ModelConfig &c, int32_t bs) {
 }
 
 CudaKvPool::CudaKvPool(const ModelConfig &c, int32_t n_blocks, int32_t block_size)
-    : n_blocks_(n_blocks), block_size_(block_size), n_kv_heads_(c.n_kv_heads), head_dim_(c.head_dim) {
+    : n_blocks_(n_blocks), block_size_(block_size), n_kv_heads_(c.n_kv_heads), head_dim_(c.head_dim),
+      serial_(g_next_pool_serial.fetch_add(1)) {
     if (n_blocks <= 0 || block_size <= 0)
         invalid_argument("KV pool needs n_blocks > 0 and block_size > 0, got " + std::to_string(n_blocks) + " x " +
                          std::to_string(block_size));
@@ -54,18 +80,39 @@ KvLayer CudaKvPool::layer(int32_t l) const {
 
 struct CudaBackend::Step {
     int32_t n_tokens = 0, n_seqs = 0, n_blocks = 0, n_out = 0, max_ctx = 0;
+    // Decode-only steps that graphs may capture; attention's context bound (bucketed for those).
+    bool graph = false;
+    int32_t attn_ctx = 0;
     // Attention: tokens of short chunks and decodes (split-K kernel) and tiles of long chunks (flash).
     int32_t n_dec = 0, n_tiles = 0;
-    // offsets (in int32) of each array inside the metadata buffer
+    // offsets (in int32) of each array inside the metadata buffer; the block tables come last so
+    // that every other offset depends only on the step's shape (a captured graph bakes them in)
     int64_t ids = 0, pos = 0, seq = 0, block_off = 0, blocks = 0, out_rows = 0, dec = 0, tiles = 0, total = 0;
 };
 
 CudaBackend::CudaBackend(std::unique_ptr<DeviceModel> model, int32_t device_id)
-    : model_(std::move(model)), device_(device_id), blas_(stream_.get()), moe_(moe_shape(model_->config)) {
+    : model_(std::move(model)), device_(device_id), blas_(stream_.get()), moe_(moe_shape(model_->config)),
+      graphs_on_(graphs_from_env()), graphs_(kGraphCapacity) {
     const ModelConfig &c = model_->config;
+    set_device(device_);
+    blas_workspace_ = DeviceBuffer(kCublasWorkspaceBytes, "cuBLAS workspace");
+    DBRX_CUBLAS_CHECK(cublasSetWorkspace(blas_.get(), blas_workspace_.get(), blas_workspace_.bytes()));
     if (c.d_model % 8 != 0) fail(DBRX_ERR_UNSUPPORTED, "CUDA backend: d_model must be a multiple of 8");
     if (c.head_dim % 2 != 0 || c.head_dim > 256)
         fail(DBRX_ERR_UNSUPPORTED, "CUDA backend: head_dim must be even and <= 256");
+}
+
+void CudaBackend::set_cuda_graphs(bool on) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    graphs_on_ = on;
+    if (!on) graphs_.clear();
+}
+
+bool CudaBackend::graph_capturable(int32_t n_tokens) const {
+    // The cuBLAS MoE path reads expert offsets back to the host, which a capture cannot hold; ranks
+    // of a sharded model (hooks_) run eagerly: their collectives are not proven under capture.
+    return n_tokens > 0 && n_tokens <= kGraphMaxTokens && n_tokens <= kMoeGemvMaxRows && moe_path_ != MoePath::Gemm &&
+           hooks_ == nullptr;
 }
 
 bool CudaBackend::use_flash(int64_t chunk_tokens) const {
@@ -136,15 +183,17 @@ int32_t CudaBackend::compute_logits(CudaKvPool &pool_ref, std::span<const SeqSte
         else st.n_dec += static_cast<int32_t>(n);
     }
     if (st.n_tokens == 0) return 0;
+    st.graph = st.n_tokens == st.n_seqs && graph_capturable(st.n_tokens);
+    st.attn_ctx = st.graph ? ctx_bucket(st.max_ctx) : st.max_ctx;
     st.ids = 0;
     st.pos = st.ids + st.n_tokens;
     st.seq = st.pos + st.n_tokens;
     st.block_off = st.seq + st.n_tokens;
-    st.blocks = st.block_off + st.n_seqs;
-    st.out_rows = st.blocks + st.n_blocks;
+    st.out_rows = st.block_off + st.n_seqs;
     st.dec = st.out_rows + st.n_out;
     st.tiles = st.dec + st.n_dec;
-    st.total = st.tiles + 4 * int64_t{st.n_tiles};
+    st.blocks = st.tiles + 4 * int64_t{st.n_tiles};
+    st.total = st.blocks + st.n_blocks;
     host_meta_.reserve(st.total * sizeof(int32_t));
     int32_t *hm = host_meta_.as<int32_t>();
     int32_t t = 0, boff = 0, o = 0, nd = 0, nt = 0;
@@ -172,11 +221,25 @@ int32_t CudaBackend::compute_logits(CudaKvPool &pool_ref, std::span<const SeqSte
         }
         if (s.want_logits) hm[st.out_rows + o++] = t - 1;
     }
-    meta_.reserve(st.total * sizeof(int32_t), "step metadata");
+    // Grown in powers of two: every move of this buffer drops the captured graphs.
+    meta_.reserve(std::bit_ceil(static_cast<uint64_t>(st.total * sizeof(int32_t))), "step metadata");
     DBRX_CUDA_CHECK(cudaMemcpyAsync(meta_.get(), hm, st.total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_.get()));
 
-    run_layers(*pool, st);
+    if (st.graph && graphs_on_) {
+        const GraphKey key{st.n_tokens, st.n_out, st.attn_ctx};
+        graphs_.run(
+            key, stream_.get(),
+            [&] { return GraphValidity{device_allocation_epoch(device_), pool->serial()}; },
+            [&] { device_stage(*pool, st); });
+    } else {
+        device_stage(*pool, st);
+    }
+    return st.n_out;
+}
 
+void CudaBackend::device_stage(const CudaKvPool &pool, const Step &st) {
+    const ModelConfig &c = model_->config;
+    run_layers(pool, st);
     if (st.n_out > 0) {
         const int32_t *m = meta_.as<int32_t>();
         x_.reserve(sizeof(bf16_t) * st.n_out * c.d_model, "activations");
@@ -188,7 +251,6 @@ int32_t CudaBackend::compute_logits(CudaKvPool &pool_ref, std::span<const SeqSte
             gemm_xwt(blas_.get(), x_.as<bf16_t>(), st.n_out, c.d_model, model_->lm_head.as<bf16_t>(), c.vocab_size,
                      logits_.as<float>());
     }
-    return st.n_out;
 }
 
 void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
@@ -201,7 +263,7 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
     tm.seq = m + st.seq;
     tm.block_off = m + st.block_off;
     tm.blocks = m + st.blocks;
-    const int32_t splits = attention_splits(st.n_dec, c.n_kv_heads, st.max_ctx);
+    const int32_t splits = attention_splits(st.n_dec, c.n_kv_heads, st.attn_ctx);
 
     h_.reserve(sizeof(float) * T * d, "residual stream");
     x_.reserve(sizeof(bf16_t) * T * d, "activations");
@@ -222,7 +284,7 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
                  qkv_.as<float>());  // == qkv_rows() unsharded; a rank's heads only when sharded
         qkv_epilogue(qkv_.as<float>(), T, H, clip, model_->inv_freq.as<float>(), tm, kv, q_.as<float>(), s);
         if (st.n_dec > 0)
-            attention(q_.as<float>(), st.n_dec, H, tm, kv, st.max_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s,
+            attention(q_.as<float>(), st.n_dec, H, tm, kv, st.attn_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s,
                       dec_list);
         flash_prefill(q_.as<float>(), st.n_tiles, H, m + st.tiles, tm, kv, attn_.as<bf16_t>(), s);
         if (hooks_) hooks_->out_proj(l, attn_.as<bf16_t>(), T, h_.as<float>(), blas_.get(), s);

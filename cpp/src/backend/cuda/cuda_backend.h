@@ -5,9 +5,11 @@
 #include <memory>
 #include <mutex>
 
+#include "backend/cuda/cuda_graph.h"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/device_model.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/logits.h"
 #include "backend/cuda/moe.h"
 #include "dist/cuda_rank_hooks.h"
 #include "model/backend.h"
@@ -21,9 +23,12 @@ public:
     int32_t block_size() const override { return block_size_; }
     KvLayer layer(int32_t l) const;
     static int64_t bytes_per_block(const ModelConfig &c, int32_t block_size);
+    // Unique per pool in the process: CUDA graphs captured against one pool are never replayed on another.
+    uint64_t serial() const { return serial_; }
 
 private:
     int32_t n_blocks_, block_size_, n_kv_heads_, head_dim_;
+    uint64_t serial_;
     DeviceBuffer data_;
 };
 
@@ -37,10 +42,15 @@ public:
     void forward(KvPool &pool, std::span<const SeqStep> batch, float *logits) override;
     // The device stage of forward(): runs the step on stream() and leaves the n_out logits rows
     // (fp32 [n_out][vocab], in batch order) in the device buffer logits_ without synchronising;
-    // returns n_out. Not serialised by itself: callers hold mutex_ (forward() does) and read
-    // logits_ on stream() before the next step.
+    // returns n_out. Not serialised by itself: callers hold mutex_ (forward() does), read logits_
+    // on stream() and synchronise stream() before the next step (the metadata staging is reused).
+    // Steps made only of decodes run as CUDA graphs when graphs are on (cuda_graphs()).
     int32_t compute_logits(CudaKvPool &pool, std::span<const SeqStep> batch);
     const float *device_logits() const { return logits_.as<float>(); }
+    // Sampling summaries reduced on the device (cuda_backend_logits.cpp).
+    bool forward_summarized(KvPool &pool, std::span<const SeqStep> batch, std::span<const LogitsNeed> needs,
+                            std::span<LogitsSummary> out) override;
+    void fetch_logits_row(int32_t i, float *dst) override;
 
     const DeviceModel &model() const { return *model_; }
     cudaStream_t stream() const { return stream_.get(); }
@@ -48,6 +58,13 @@ public:
     void set_moe_path(MoePath p) { moe_path_ = p; }
     // For tests: prefill chunks through the split-K kernel instead of flash attention.
     void set_flash_prefill(bool on) { flash_ = on; }
+    // CUDA graphs for decode steps: on unless the environment sets DBRX_CUDA_GRAPHS=0. Turning them
+    // off drops the cached graphs; the logits are the same either way.
+    void set_cuda_graphs(bool on);
+    bool cuda_graphs() const { return graphs_on_; }
+    GraphStats graph_stats() const { return graphs_.stats(); }
+    // Whether a step of n_tokens decodes (one token per sequence) can be captured in a graph.
+    bool graph_capturable(int32_t n_tokens) const;
     // Makes this backend one rank of a sharded model (dist/sharded_cuda_backend.h): out_proj, the
     // MoE and lm_head go through the hooks (null: the plain backend). The hooks must outlive it.
     void set_rank_hooks(dist::CudaRankHooks *hooks) { hooks_ = hooks; }
@@ -55,6 +72,7 @@ public:
 private:
     struct Step;  // host-side layout of one step's metadata
     void run_layers(const CudaKvPool &pool, const Step &step);
+    void device_stage(const CudaKvPool &pool, const Step &step);  // embedding .. lm_head
     bool use_flash(int64_t chunk_tokens) const;
 
     std::unique_ptr<DeviceModel> model_;
@@ -64,9 +82,13 @@ private:
     Moe moe_;
     MoePath moe_path_ = MoePath::Auto;
     bool flash_ = true;
+    bool graphs_on_ = true;
+    GraphCache graphs_;
+    DeviceBuffer blas_workspace_;  // fixed, so that cuBLAS calls can be captured in graphs
     dist::CudaRankHooks *hooks_ = nullptr;
     std::mutex mutex_;
     PinnedBuffer host_meta_;
+    LogitsReducer logits_reducer_;
     DeviceBuffer meta_, h_, x_, qkv_, q_, attn_, attn_scratch_, logits_;
 };
 
