@@ -25,9 +25,10 @@ struct MoeWeights {
 };
 
 enum class MoePath {
-    Auto,  // GEMV kernels up to kMoeGemvMaxRows tokens, cuBLAS per expert above
-    Gemv,  // device-routed GEMV kernels (T <= kMoeGemvMaxRows); no host round trip
-    Gemm,  // cuBLAS per expert; reads the expert offsets back to the host once per layer
+    Auto,     // the fastest of the three for the token count (Moe::resolve)
+    Gemv,     // device-routed GEMV kernels (T <= kMoeGemvMaxRows); no host round trip
+    Grouped,  // device-routed grouped tensor-core GEMMs (moe_grouped_supported shapes); no host round trip
+    Gemm,     // cuBLAS per expert; reads the expert offsets back to the host once per layer
 };
 
 class Moe {
@@ -41,6 +42,11 @@ public:
     const float *weights() const { return weights_.as<float>(); }
     int32_t active_experts(cudaStream_t stream);
     const MoeShape &shape() const { return s_; }
+    // The path Auto takes for n_tokens: GEMV up to kMoeGemvMaxRows, grouped GEMMs up to
+    // kMoeGroupedMaxTokens where the shape allows, cuBLAS above (or where it does not).
+    MoePath resolve(int32_t n_tokens) const;
+    // True when forward's Auto path for n_tokens needs no host synchronisation (CUDA-graph capture).
+    bool capturable(int32_t n_tokens) const { return resolve(n_tokens) != MoePath::Gemm; }
 
 private:
     MoeShape s_;
