@@ -58,7 +58,7 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
 // n_tiles x {sequence, first token index, rows (<= kFlashTile), position of the first token}: a
 // sequence's new tokens cut into tiles of kFlashTile consecutive positions. Same semantics as
 // attention() for the tokens it covers (bf16 Q and P, fp32 accumulation).
-constexpr int32_t kFlashTile = 64;
+constexpr int32_t kFlashTile = 128;
 constexpr int32_t kFlashMinTokens = 16;
 bool flash_prefill_supported(int32_t head_dim);
 void flash_prefill(const float *q, int32_t n_tiles, int32_t n_heads, const int32_t *tiles, TokenMeta meta, KvLayer kv,

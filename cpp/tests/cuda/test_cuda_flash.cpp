@@ -1,0 +1,199 @@
+// Prefill flash attention (flash_prefill and its CTA-shape variants) against cpu::attend_one: chunks
+// of 1..300 rows over cached prefixes, several sequences per launch, ragged last tiles, odd block
+// sizes, every head dim the backend sends to it; then the long-sequence cases at the DBRX shape,
+// checked on sampled rows and timed per variant.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <span>
+
+#include "backend/cpu/kernels.h"
+#include "backend/cuda/flash_prefill_variants.cuh"
+#include "backend/cuda/kernels.h"
+#include "cuda_test_util.h"
+
+namespace dbrx::cuda::test {
+namespace {
+
+struct Shape {
+    int32_t H, KV, hd;
+};
+struct Chunk {
+    int32_t prefix, n_new;  // cached positions before the chunk, rows of the chunk
+};
+
+// One launch's inputs on the host: a paged cache with a shuffled block table (slots past each
+// sequence's end hold NaN, so reading one shows), the chunks' queries and their tiles.
+struct Problem {
+    Shape s;
+    int32_t bs = 16, n_blocks = 0;
+    std::vector<Chunk> chunks;
+    std::vector<bf16_t> cache;
+    std::vector<int32_t> blocks, block_off, new_pos, new_seq, tiles;
+    std::vector<float> q;  // [Tn][H][hd]
+    int64_t half() const { return static_cast<int64_t>(bs) * s.KV * s.hd; }
+    int32_t n_tokens() const { return static_cast<int32_t>(new_pos.size()); }
+};
+
+Problem make_problem(Shape s, int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
+    Problem p{s, bs, 0, std::move(chunks)};
+    for (const auto &c : p.chunks) p.n_blocks += (c.prefix + c.n_new + bs - 1) / bs;
+    p.blocks.resize(p.n_blocks);
+    std::iota(p.blocks.begin(), p.blocks.end(), 0);
+    std::shuffle(p.blocks.begin(), p.blocks.end(), std::mt19937(seed));
+    p.cache = to_bf16(uniform(static_cast<size_t>(p.n_blocks) * 2 * p.half(), -1.f, 1.f, seed + 1));
+    int32_t boff = 0;
+    for (size_t i = 0; i < p.chunks.size(); ++i) {
+        const int32_t len = p.chunks[i].prefix + p.chunks[i].n_new, nb = (len + bs - 1) / bs;
+        p.block_off.push_back(boff);
+        for (int32_t slot = len; slot < nb * bs; ++slot) {  // unused tail of the last block
+            const int64_t off = p.blocks[boff + slot / bs] * 2 * p.half() + int64_t{slot % bs} * s.KV * s.hd;
+            for (int64_t j = 0; j < int64_t{s.KV} * s.hd; ++j) p.cache[off + j] = p.cache[off + p.half() + j] = 0x7fc0;
+        }
+        boff += nb;
+        const int32_t first = p.n_tokens();
+        for (int32_t r = 0; r < p.chunks[i].n_new; ++r) {
+            p.new_pos.push_back(p.chunks[i].prefix + r);
+            p.new_seq.push_back(static_cast<int32_t>(i));
+        }
+        for (int32_t r = 0; r < p.chunks[i].n_new; r += kFlashTile)
+            p.tiles.insert(p.tiles.end(), {static_cast<int32_t>(i), first + r, std::min(kFlashTile, p.chunks[i].n_new - r),
+                                           p.chunks[i].prefix + r});
+    }
+    // Wide enough that the softmax is far from flat.
+    p.q = uniform(static_cast<size_t>(p.n_tokens()) * s.H * s.hd, -3.f, 3.f, seed + 2);
+    return p;
+}
+
+// The reference of (token t, head h) by cpu::attend_one over the fp32 copy of the bf16 cache.
+struct Reference {
+    const Problem &p;
+    std::vector<float> cache = to_f32(p.cache);
+    std::vector<float> scores;
+    void attend(int32_t t, int32_t h, float *out) {
+        const Shape &s = p.s;
+        cpu::PagedKv pk{cache.data(), cache.data() + p.half(), 2 * p.half(), p.bs, s.KV, s.hd};
+        const int32_t sq = p.new_seq[t], len = p.chunks[sq].prefix + p.chunks[sq].n_new;
+        std::span<const int32_t> table(p.blocks.data() + p.block_off[sq], (len + p.bs - 1) / p.bs);
+        scores.resize(len);
+        cpu::attend_one(p.q.data() + (int64_t{t} * s.H + h) * s.hd, p.new_pos[t], pk, table, h / (s.H / s.KV),
+                        1.f / std::sqrt(static_cast<float>(s.hd)), scores.data(), out);
+    }
+};
+
+// Device copies of a problem and one launch of flash_prefill (variant < 0) or a variant.
+struct DeviceProblem {
+    DeviceBuffer cache, q, pos, seq, boff, blocks, tiles, out;
+    KvLayer kv;
+    TokenMeta meta;
+    int32_t n_tiles, H, Tn, hd;
+    explicit DeviceProblem(const Problem &p)
+        : cache(to_device(p.cache)), q(to_device(p.q)), pos(to_device(p.new_pos)), seq(to_device(p.new_seq)),
+          boff(to_device(p.block_off)), blocks(to_device(p.blocks)), tiles(to_device(p.tiles)),
+          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())),
+          kv{cache.as<bf16_t>(), 2 * p.half(), p.half(), p.bs, p.s.KV, p.s.hd},
+          meta{pos.as<int32_t>(), seq.as<int32_t>(), boff.as<int32_t>(), blocks.as<int32_t>()},
+          n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), H(p.s.H), Tn(p.n_tokens()), hd(p.s.hd) {}
+    std::vector<float> run(int32_t variant) {
+        DBRX_CUDA_CHECK(cudaMemset(out.get(), 0xff, out.bytes()));  // NaN wherever a row is not written
+        if (variant < 0) flash_prefill(q.as<float>(), n_tiles, H, tiles.as<int32_t>(), meta, kv, out.as<bf16_t>(), nullptr);
+        else flash::prefill_variant(variant, q.as<float>(), n_tiles, H, tiles.as<int32_t>(), meta, kv, out.as<bf16_t>(), nullptr);
+        auto got = to_f32(to_host<bf16_t>(out.get(), static_cast<size_t>(Tn) * H * hd));
+        // rel_max_err skips NaN (std::max), so unwritten or poisoned rows are counted here.
+        const auto bad = std::count_if(got.begin(), got.end(), [](float x) { return !std::isfinite(x); });
+        EXPECT_EQ(bad, 0) << "non-finite outputs of variant " << variant;
+        return got;
+    }
+};
+
+// Every row and head against the reference, for flash_prefill and (head dim 128) every variant.
+void check_all(Shape s, int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
+    ASSERT_TRUE(flash_prefill_supported(s.hd));
+    const Problem p = make_problem(s, bs, std::move(chunks), seed);
+    Reference ref_of{p};
+    std::vector<float> ref(p.q.size());
+    for (int32_t t = 0; t < p.n_tokens(); ++t)
+        for (int32_t h = 0; h < s.H; ++h) ref_of.attend(t, h, ref.data() + (int64_t{t} * s.H + h) * s.hd);
+    DeviceProblem d(p);
+    const int32_t n_variants = s.hd == 128 ? flash::variant_count() : 0;
+    for (int32_t v = -1; v < n_variants; ++v) {
+        const double err = rel_max_err(d.run(v), ref);
+        std::printf("flash H=%d KV=%d hd=%d bs=%d tokens=%d tiles=%d %s: max rel err %.2e\n", s.H, s.KV, s.hd, bs,
+                    p.n_tokens(), d.n_tiles, v < 0 ? "flash_prefill" : flash::variant_name(v), err);
+        EXPECT_LT(err, 2e-2) << (v < 0 ? "flash_prefill" : flash::variant_name(v));  // bf16 Q and P
+    }
+}
+
+constexpr Shape kDbrx{48, 8, 128};
+
+TEST(CudaFlash, DbrxChunksOverPrefixes) {
+    check_all(kDbrx, 16, {{0, 300}, {200, 129}, {1000, 17}, {0, 1}, {200, 128}, {1000, 64}, {37, 255}}, 31);
+}
+TEST(CudaFlash, DbrxSmallChunks) {
+    check_all(kDbrx, 16, {{0, 16}, {200, 1}, {1000, 2}, {5, 31}, {1000, 127}}, 32);
+}
+TEST(CudaFlash, OddBlockSizes) {
+    check_all(kDbrx, 7, {{0, 130}, {200, 45}}, 33);
+    check_all(kDbrx, 64, {{1000, 100}, {0, 70}}, 34);
+    check_all({8, 2, 64}, 1, {{13, 140}}, 35);
+}
+TEST(CudaFlash, FixtureShapes) {
+    check_all({2, 1, 128}, 16, {{0, 130}, {60, 300}}, 36);  // tiny-dbrx
+    check_all({2, 1, 16}, 16, {{0, 70}, {8, 200}}, 37);     // tiny-dbrx-cl100k
+}
+TEST(CudaFlash, HeadDims32And64) {
+    check_all({4, 2, 32}, 16, {{0, 150}, {300, 40}}, 38);
+    check_all({16, 4, 64}, 16, {{0, 257}, {129, 16}}, 39);
+}
+
+// One sequence of S tokens prefilled as one chunk at the DBRX shape: sampled rows against the
+// reference, every variant against flash_prefill, and the time of each (causal FLOPs counted).
+void check_long(int32_t S, uint32_t seed) {
+    const Problem p = make_problem(kDbrx, 16, {{0, S}}, seed);
+    DeviceProblem d(p);
+    const auto got = d.run(-1);
+    Reference ref_of{p};
+    std::vector<float> sel, ref;
+    std::vector<float> row(kDbrx.hd);
+    for (int32_t t : {0, 1, 63, 127, 128, 1000, S / 2 + 5, S - 129, S - 2, S - 1})
+        for (int32_t h : {0, 5, 6, 40, 47}) {
+            ref_of.attend(t, h, row.data());
+            ref.insert(ref.end(), row.begin(), row.end());
+            const auto *g = got.data() + (int64_t{t} * kDbrx.H + h) * kDbrx.hd;
+            sel.insert(sel.end(), g, g + kDbrx.hd);
+        }
+    const double err = rel_max_err(sel, ref);
+    std::printf("flash S=%d sampled rows: max rel err %.2e\n", S, err);
+    EXPECT_LT(err, 2e-2);
+
+    const double flops = 4.0 * kDbrx.hd * kDbrx.H * (static_cast<double>(S) * (S + 1) / 2);
+    cudaEvent_t e0, e1;
+    DBRX_CUDA_CHECK(cudaEventCreate(&e0));
+    DBRX_CUDA_CHECK(cudaEventCreate(&e1));
+    for (int32_t v = 0; v < flash::variant_count(); ++v) {
+        const double diff = rel_max_err(d.run(v), got);
+        EXPECT_LT(diff, 1e-3) << flash::variant_name(v) << " differs from flash_prefill";
+        const int reps = S >= 16384 ? 3 : 10;
+        DBRX_CUDA_CHECK(cudaEventRecord(e0));
+        for (int i = 0; i < reps; ++i)
+            flash::prefill_variant(v, d.q.as<float>(), d.n_tiles, d.H, d.tiles.as<int32_t>(), d.meta, d.kv,
+                                   d.out.as<bf16_t>(), nullptr);
+        DBRX_CUDA_CHECK(cudaEventRecord(e1));
+        DBRX_CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms = 0;
+        DBRX_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        ms /= reps;
+        std::printf("flash S=%d %-40s%s %.3f ms  %.0f TFLOP/s  (vs flash_prefill %.1e)\n", S, flash::variant_name(v),
+                    v == flash::default_variant() ? " [default]" : "", ms, flops / (ms * 1e-3) / 1e12, diff);
+    }
+    DBRX_CUDA_CHECK(cudaEventDestroy(e0));
+    DBRX_CUDA_CHECK(cudaEventDestroy(e1));
+}
+
+TEST(CudaFlash, DbrxLongSequence4096) { check_long(4096, 41); }
+TEST(CudaFlash, DbrxLongSequence16384) { check_long(16384, 42); }
+
+}  // namespace
+}  // namespace dbrx::cuda::test
