@@ -1,5 +1,6 @@
 // End-to-end figures of `dbrx bench --synthetic dbrx`: decode steps and a prefill through the CUDA
-// backend (Backend::forward, logits copied to the host) on a synthetic full-width model.
+// backend (Backend::forward, logits copied to the host) on a synthetic full-width model. Decode steps
+// run as CUDA graphs (captured during the warm-up, so capture is not timed) and again without them.
 #ifdef DBRX_WITH_CUDA
 
 #include <cmath>
@@ -45,8 +46,9 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
     auto be = make_cuda_backend_from(synthetic_model(dbrx_config(layers), 42), 0);
     const ModelConfig &cfg = be->model().config;
     std::printf("weights: %.2f GiB of device memory\n", be->model().bytes / double(1 << 30));
-    const int32_t bs = 16, ctx0 = 1024, steps = quick ? 5 : 20, max_batch = 64;
-    const int32_t per_seq = (ctx0 + steps + 8 + bs - 1) / bs + 1;
+    const int32_t bs = 16, ctx0 = 1024, steps = quick ? 5 : 20, max_batch = 64, warmup = 3;
+    // Room for the warm-up and timed steps with graphs, then the same without.
+    const int32_t per_seq = (ctx0 + 2 * (warmup + steps) + bs - 1) / bs + 1;
     auto pool = be->create_kv_pool(per_seq * max_batch, bs);
     std::mt19937 rng(3);
     std::uniform_int_distribution<int32_t> tok(0, cfg.vocab_size - 1);
@@ -92,16 +94,31 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
             be->forward(*pool, dec, logits.data());
             ++pos;
         };
-        const double ms = time_ms(s, 2, steps, step);
         // Experts a batch touches per layer: all 4 at B=1, the expected distinct count above.
         const double experts = cfg.n_experts * (1 - std::pow(1.0 - double(cfg.top_k) / cfg.n_experts, B));
-        const double bytes = decode_bytes(cfg, experts, B, ctx0 + steps / 2.0);
-        char name[64], extra[64];
-        std::snprintf(name, sizeof name, "decode step B=%d ctx=%d, %d layers", B, ctx0, layers);
-        std::snprintf(extra, sizeof extra, "%.2f TB/s, %.0f tok/s", bytes / (ms * 1e-3) / 1e12, B / (ms * 1e-3));
-        rows.push_back({name, ms, floor_ms(bytes, 0, c), bytes_flops_basis(bytes, 0, c), extra});
-        std::printf("%-44s %.4f ms\n", name, ms);
-        std::fflush(stdout);
+        const double bytes = decode_bytes(cfg, experts, B, ctx0 + warmup + steps / 2.0);
+        double graph_ms = 0;
+        for (bool graphs : {true, false}) {
+            be->set_cuda_graphs(graphs);
+            const GraphStats before = be->graph_stats();
+            const double ms = time_ms(s, warmup, steps, step);
+            const int64_t replays = be->graph_stats().replays - before.replays;
+            if (graphs) graph_ms = ms;
+            char name[80], extra[96];
+            std::snprintf(name, sizeof name, "decode step B=%d ctx=%d, %d layers%s", B, ctx0, layers,
+                          graphs ? "" : ", no graphs");
+            if (graphs)
+                std::snprintf(extra, sizeof extra, "%.2f TB/s, %.0f tok/s, %lld of %d steps graphs",
+                              bytes / (ms * 1e-3) / 1e12, B / (ms * 1e-3), static_cast<long long>(replays),
+                              warmup + steps);
+            else
+                std::snprintf(extra, sizeof extra, "%.2f TB/s, %.2fx the graph step", bytes / (ms * 1e-3) / 1e12,
+                              ms / graph_ms);
+            rows.push_back({name, ms, floor_ms(bytes, 0, c), bytes_flops_basis(bytes, 0, c), extra});
+            std::printf("%-56s %.4f ms  (%s)\n", name, ms, extra);
+            std::fflush(stdout);
+        }
+        be->set_cuda_graphs(true);
     }
 }
 
