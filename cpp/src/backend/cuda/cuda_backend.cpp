@@ -109,10 +109,17 @@ void CudaBackend::set_cuda_graphs(bool on) {
 }
 
 bool CudaBackend::graph_capturable(int32_t n_tokens) const {
-    // The cuBLAS MoE path reads expert offsets back to the host, which a capture cannot hold; ranks
-    // of a sharded model (hooks_) run eagerly: their collectives are not proven under capture.
-    return n_tokens > 0 && n_tokens <= kGraphMaxTokens && n_tokens <= kMoeGemvMaxRows && moe_path_ != MoePath::Gemm &&
-           hooks_ == nullptr;
+    if (n_tokens <= 0 || n_tokens > kGraphMaxTokens) return false;
+    // Ranks of a sharded model (hooks_) run eagerly: their collectives are not proven under capture.
+    if (hooks_ != nullptr) return false;
+    // The cuBLAS MoE path reads expert offsets back to the host, which a capture cannot hold.
+    switch (moe_path_) {
+        case MoePath::Auto: return moe_.capturable(n_tokens);
+        case MoePath::Gemv: return n_tokens <= kMoeGemvMaxRows;
+        case MoePath::Grouped: return true;
+        case MoePath::Gemm: return false;
+    }
+    return false;
 }
 
 bool CudaBackend::use_flash(int64_t chunk_tokens) const {
