@@ -1,7 +1,10 @@
-// Causal paged attention for prefill and decode (GQA). One thread block per (token, KV head,
-// split): it walks the split's keys once through the block table and scores every query head of
-// the group against each key, keeping an online softmax per head. Splits of long contexts are
-// merged afterwards from their (max, sum, unnormalised output) states (flash-decoding).
+// Causal paged attention for decode and short prefill chunks (GQA): the host entry points, the split
+// policy's grid bound, and the merge of split partial states (flash-decoding). The kernels live in
+// attention_mma.cu (tensor cores: DBRX and both fixtures) and attention_generic.cu (other shapes).
+#include <algorithm>
+#include <string>
+
+#include "backend/cuda/attention_common.cuh"
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/device_math.cuh"
 #include "backend/cuda/kernels.h"
@@ -9,269 +12,38 @@
 namespace dbrx::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kMaxGroup = 8;    // query heads per KV head
-constexpr int kMaxPerLane = 8;  // head_dim <= 256
-
-// Partial state of one (token, head, split): m, l, then head_dim accumulators.
-__device__ __forceinline__ float *partial(float *scratch, int64_t index, int32_t hd) {
-    return scratch + index * (hd + 2);
-}
-
-template <int kPerLane>
-__global__ void __launch_bounds__(kWarps * 32)
-    attention_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float scale,
-                     float *scratch, const int32_t *tok_list) {
-    const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, kvh = blockIdx.y, split = blockIdx.z;
-    const int32_t hd = kv.head_dim, G = n_heads / kv.n_kv_heads, bs = kv.block_size;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int32_t ctx = meta.pos[t] + 1;
-    const int32_t chunk = (ctx + splits - 1) / splits;
-    const int32_t begin = split * chunk, end = min(ctx, begin + chunk);
-    const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
-
-    float qr[kMaxGroup][kPerLane], acc[kMaxGroup][kPerLane], m[kMaxGroup], l[kMaxGroup];
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.f;
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-            const int dim = lane + 32 * i;
-            acc[g][i] = 0.f;
-            qr[g][i] = (g < G && dim < hd) ? q[(static_cast<int64_t>(t) * n_heads + kvh * G + g) * hd + dim] * scale : 0.f;
-        }
-    }
-    for (int32_t j = begin + warp; j < end; j += kWarps) {
-        const int64_t off = table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd;
-        const uint16_t *kp = kv.base + off, *vp = kv.base + off + kv.v_offset;
-        float kr[kPerLane], vr[kPerLane];
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-            const int dim = lane + 32 * i;
-            kr[i] = dim < hd ? bf16f(kp[dim]) : 0.f;
-            vr[i] = dim < hd ? bf16f(vp[dim]) : 0.f;
-        }
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-            if (g >= G) break;
-            float s = 0.f;
-#pragma unroll
-            for (int i = 0; i < kPerLane; ++i) s += qr[g][i] * kr[i];
-            s = warp_sum(s);
-            const float m_new = fmaxf(m[g], s);
-            const float corr = expf(m[g] - m_new), p = expf(s - m_new);
-            l[g] = l[g] * corr + p;
-#pragma unroll
-            for (int i = 0; i < kPerLane; ++i) acc[g][i] = acc[g][i] * corr + p * vr[i];
-            m[g] = m_new;
-        }
-    }
-    // Merge the warps' states through shared memory, then write this split's partial state.
-    __shared__ float sm[kWarps][kMaxGroup][2];
-    __shared__ float sacc[kWarps][kMaxGroup][kPerLane * 32];
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-        if (g >= G) break;
-        if (lane == 0) {
-            sm[warp][g][0] = m[g];
-            sm[warp][g][1] = l[g];
-        }
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i)
-            if (lane + 32 * i < hd) sacc[warp][g][lane + 32 * i] = acc[g][i];
-    }
-    __syncthreads();
-    for (int32_t idx = threadIdx.x; idx < G * hd; idx += blockDim.x) {
-        const int g = idx / hd, dim = idx % hd;
-        float M = -INFINITY;
-        for (int w = 0; w < kWarps; ++w) M = fmaxf(M, sm[w][g][0]);
-        float L = 0.f, A = 0.f;
-        if (M != -INFINITY)
-            for (int w = 0; w < kWarps; ++w) {
-                const float f = expf(sm[w][g][0] - M);
-                L += sm[w][g][1] * f;
-                A += sacc[w][g][dim] * f;
-            }
-        float *out = partial(scratch, (static_cast<int64_t>(slot) * n_heads + kvh * G + g) * splits + split, hd);
-        if (dim == 0) {
-            out[0] = M;
-            out[1] = L;
-        }
-        out[2 + dim] = A;
-    }
-}
-
-// head_dim <= 128: one key per thread for the scores (no per-key warp reductions), then P V with
-// each warp taking a quarter of the chunk's keys and each lane 4 output dimensions, in chunks of
-// kChunk keys with an online softmax across chunks. K and V are read once per block for all G
-// query heads of the KV head.
-constexpr int kChunk = 128;
-constexpr int kKeyWarps = kChunk / 32;
-
-__global__ void __launch_bounds__(kChunk)
-    attention_keys_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float scale,
-                          float *scratch, const int32_t *tok_list) {
-    const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, kvh = blockIdx.y, split = blockIdx.z;
-    const int32_t hd = kv.head_dim, G = n_heads / kv.n_kv_heads, bs = kv.block_size, tid = threadIdx.x;
-    const int warp = tid / 32, lane = tid % 32;
-    const int32_t ctx = meta.pos[t] + 1;
-    const int32_t chunk = (ctx + splits - 1) / splits;
-    const int32_t begin = split * chunk, end = min(ctx, begin + chunk);
-    const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
-    __shared__ float qs[kMaxGroup][128];
-    __shared__ float ps[kMaxGroup][kChunk];
-    __shared__ float red_max[kMaxGroup][kKeyWarps], red_sum[kMaxGroup][kKeyWarps];
-    __shared__ int64_t offs[kChunk];
-    __shared__ float accs[kKeyWarps][kMaxGroup][128];
-    for (int32_t i = tid; i < G * hd; i += kChunk)
-        qs[i / hd][i % hd] = q[(static_cast<int64_t>(t) * n_heads + kvh * G) * hd + i] * scale;
-    const bool has_dims = lane * 4 < hd;
-    float m[kMaxGroup], l[kMaxGroup], acc[kMaxGroup][4];
-#pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-        m[g] = -INFINITY;
-        l[g] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[g][i] = 0.f;
-    }
-    __syncthreads();
-    for (int32_t c0 = begin; c0 < end; c0 += kChunk) {
-        const int32_t j = c0 + tid, n = min(kChunk, end - c0);
-        float sc[kMaxGroup];
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) sc[g] = -INFINITY;
-        if (tid < n) {
-            const int64_t off = table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd;
-            offs[tid] = off;
-            const uint4 *kp = reinterpret_cast<const uint4 *>(kv.base + off);
-#pragma unroll
-            for (int g = 0; g < kMaxGroup; ++g) sc[g] = 0.f;
-#pragma unroll 4
-            for (int32_t v8 = 0; v8 < hd / 8; ++v8) {
-                float kf[8];
-                unpack8(kp[v8], kf);
-#pragma unroll
-                for (int g = 0; g < kMaxGroup; ++g) {
-                    if (g >= G) break;
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) sc[g] += qs[g][v8 * 8 + i] * kf[i];
-                }
-            }
-        }
-        // Chunk maximum per head (block reduction), then probabilities and their sums.
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-            if (g >= G) break;
-            const float w = warp_max(sc[g]);
-            if (lane == 0) red_max[g][warp] = w;
-        }
-        __syncthreads();
-        float corr[kMaxGroup];
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-            if (g >= G) break;
-            float mx = red_max[g][0];
-#pragma unroll
-            for (int w = 1; w < kKeyWarps; ++w) mx = fmaxf(mx, red_max[g][w]);
-            const float m_new = fmaxf(m[g], mx);
-            corr[g] = expf(m[g] - m_new);
-            const float p = tid < n ? expf(sc[g] - m_new) : 0.f;
-            ps[g][tid] = p;
-            const float w = warp_sum(p);
-            if (lane == 0) red_sum[g][warp] = w;
-            m[g] = m_new;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-            if (g >= G) break;
-            float sum = 0.f;
-#pragma unroll
-            for (int w = 0; w < kKeyWarps; ++w) sum += red_sum[g][w];
-            l[g] = l[g] * corr[g] + sum;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[g][i] *= corr[g];
-        }
-        // P V: this warp's keys, 4 dimensions per lane.
-        if (has_dims) {
-            const int32_t i0 = warp * 32, i1 = min(n, i0 + 32);
-#pragma unroll 8
-            for (int32_t i = i0; i < i1; ++i) {
-                const uint2 raw = *reinterpret_cast<const uint2 *>(kv.base + offs[i] + kv.v_offset + lane * 4);
-                const float v0 = bf16_lo(raw.x), v1 = bf16_hi(raw.x), v2 = bf16_lo(raw.y), v3 = bf16_hi(raw.y);
-#pragma unroll
-                for (int g = 0; g < kMaxGroup; ++g) {
-                    if (g >= G) break;
-                    const float p = ps[g][i];
-                    acc[g][0] += p * v0;
-                    acc[g][1] += p * v1;
-                    acc[g][2] += p * v2;
-                    acc[g][3] += p * v3;
-                }
-            }
-        }
-        __syncthreads();  // ps, red_* and offs are rewritten by the next chunk
-    }
-    // Sum the warps' P V partials (same running max in every warp), write this split's state.
-    if (has_dims)
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-            if (g >= G) break;
-#pragma unroll
-            for (int i = 0; i < 4; ++i) accs[warp][g][lane * 4 + i] = acc[g][i];
-        }
-    __syncthreads();
-    for (int32_t idx = tid; idx < G * hd; idx += kChunk) {
-        const int32_t g = idx / hd, dim = idx % hd;
-        float a = 0.f;
-        for (int w = 0; w < kKeyWarps; ++w) a += accs[w][g][dim];
-        float *out = partial(scratch, (static_cast<int64_t>(slot) * n_heads + kvh * G + g) * splits + split, hd);
-        out[2 + dim] = a;
-    }
-    if (tid == 0)
-#pragma unroll
-        for (int g = 0; g < kMaxGroup; ++g) {
-            if (g >= G) break;
-            float *out = partial(scratch, (static_cast<int64_t>(slot) * n_heads + kvh * G + g) * splits + split, hd);
-            out[0] = m[g];
-            out[1] = l[g];
-        }
-}
-
-__global__ void attention_merge_kernel(const float *scratch, int32_t n_heads, int32_t hd, int32_t splits,
-                                       uint16_t *out, const int32_t *tok_list) {
+// One block per (token slot, query head): combines the token's splits in split order, so the result
+// depends only on the token's own context. Tokens with a single split were written by the
+// tensor-core kernel itself when direct_single is set.
+__global__ void attention_merge_kernel(const float *scratch, const int32_t *pos, int32_t n_heads, int32_t hd,
+                                       int32_t splits, uint16_t *out, const int32_t *tok_list, bool direct_single) {
     const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, h = blockIdx.y;
-    const int64_t base = (static_cast<int64_t>(slot) * n_heads + h) * splits;
+    const int32_t ns = min(attn::n_splits(pos[t] + 1), splits);
+    if (direct_single && ns == 1) return;
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the attention grid's partials are complete
+    const float *p0 = attn::partial(const_cast<float *>(scratch), slot, n_heads, h, splits, 0, hd);
+    const int64_t stride = hd + 2;
     float M = -INFINITY;
-    for (int32_t s = 0; s < splits; ++s) {
-        const float *p = scratch + (base + s) * (hd + 2);
-        if (p[1] > 0.f) M = fmaxf(M, p[0]);
-    }
+    for (int32_t s = 0; s < ns; ++s) M = fmaxf(M, p0[s * stride]);
+    float L = 0.f;
+    for (int32_t s = 0; s < ns; ++s) L += p0[s * stride + 1] * exp2f(p0[s * stride] - M);
     for (int32_t dim = threadIdx.x; dim < hd; dim += blockDim.x) {
-        float L = 0.f, A = 0.f;
-        for (int32_t s = 0; s < splits; ++s) {
-            const float *p = scratch + (base + s) * (hd + 2);
-            if (p[1] > 0.f) {
-                const float f = expf(p[0] - M);
-                L += p[1] * f;
-                A += p[2 + dim] * f;
-            }
-        }
+        float A = 0.f;
+        for (int32_t s = 0; s < ns; ++s) A += p0[s * stride + 2 + dim] * exp2f(p0[s * stride] - M);
         out[(static_cast<int64_t>(t) * n_heads + h) * hd + dim] = f2bf(A / L);
     }
 }
 
 }  // namespace
 
-int32_t attention_splits(int32_t n_tokens, int32_t n_kv_heads, int32_t max_ctx) {
-    // Enough blocks to cover the GPU a few times over; each split keeps at least 128 keys.
-    const int64_t blocks = static_cast<int64_t>(n_tokens) * n_kv_heads;
-    if (blocks == 0 || blocks >= 132 * 4) return 1;
-    int64_t want = (132 * 4 + blocks - 1) / blocks;
-    int64_t by_len = (max_ctx + 127) / 128;
-    int64_t s = want < by_len ? want : by_len;
-    return static_cast<int32_t>(s < 1 ? 1 : (s > 64 ? 64 : s));
+// The largest split count of any context up to max_ctx (n_splits grows within each split-length
+// regime, so the regimes' ends bound it). n_tokens and n_kv_heads do not enter: the splits of a
+// token must not depend on the rest of the batch.
+int32_t attention_splits(int32_t /*n_tokens*/, int32_t /*n_kv_heads*/, int32_t max_ctx) {
+    if (max_ctx <= 1) return 1;
+    int32_t s = attn::n_splits(max_ctx < attn::kShortCtx ? max_ctx : attn::kShortCtx);
+    if (max_ctx > attn::kShortCtx) s = std::max(s, attn::n_splits(max_ctx));
+    return s;
 }
 
 size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t splits) {
@@ -280,26 +52,37 @@ size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_d
 
 void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
                int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream, const int32_t *tok_list) {
+    (void)max_ctx;  // sizes nothing here: `splits` (from attention_splits(max_ctx)) is the grid bound
     if (n_tokens == 0) return;
-    if (kv.head_dim > 32 * kMaxPerLane || n_heads % kv.n_kv_heads != 0 || n_heads / kv.n_kv_heads > kMaxGroup)
-        fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: needs head_dim <= 256 and at most 8 query heads per KV head, got " +
-                                       std::to_string(kv.head_dim) + " and " + std::to_string(n_heads) + "/" +
-                                       std::to_string(kv.n_kv_heads));
-    const float scale = 1.0f / sqrtf(static_cast<float>(kv.head_dim));
-    float *partials = static_cast<float *>(scratch);
-    const dim3 grid(n_tokens, kv.n_kv_heads, splits);
-    if (kv.head_dim <= 128 && kv.head_dim % 8 == 0)  // DBRX (128) and both fixtures (128, 16)
-        attention_keys_kernel<<<grid, kChunk, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
-    else if (kv.head_dim <= 32)
-        attention_kernel<1><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
-    else if (kv.head_dim <= 128)
-        attention_kernel<4><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
-    else
-        attention_kernel<8><<<grid, kWarps * 32, 0, stream>>>(q, n_heads, meta, kv, splits, scale, partials, tok_list);
-    DBRX_CUDA_LAUNCH_CHECK();
-    attention_merge_kernel<<<dim3(n_tokens, n_heads), kv.head_dim < 128 ? kv.head_dim : 128, 0, stream>>>(
-        partials, n_heads, kv.head_dim, splits, out, tok_list);
-    DBRX_CUDA_LAUNCH_CHECK();
+    if (splits < 1)
+        invalid_argument("CUDA attention: splits must be at least 1, got " + std::to_string(splits));
+    if (kv.n_kv_heads < 1 || n_heads % kv.n_kv_heads != 0)
+        fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: " + std::to_string(n_heads) + " query heads do not group over " +
+                                       std::to_string(kv.n_kv_heads) + " KV heads");
+    attn::Launch a{q, n_heads, meta, kv, splits, static_cast<float *>(scratch), out, tok_list};
+    const bool direct = attn::launch_mma(a, n_tokens, stream);
+    if (!direct) {
+        if (kv.head_dim > 256 || n_heads / kv.n_kv_heads > 8)
+            fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: needs head_dim <= 256 and at most 8 query heads per KV head "
+                                       "(16 for head_dim 16/32/64/128), got " +
+                                           std::to_string(kv.head_dim) + " and " + std::to_string(n_heads) + "/" +
+                                           std::to_string(kv.n_kv_heads));
+        attn::launch_generic(a, n_tokens, stream);
+    }
+    if (splits == 1 && direct) return;  // every token had one split and was written by the kernel
+    // Programmatic dependent launch: the merge's launch overlaps the attention grid's tail.
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(n_tokens, n_heads);
+    cfg.blockDim = dim3(kv.head_dim < 128 ? kv.head_dim : 128);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    DBRX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attention_merge_kernel, static_cast<const float *>(scratch), meta.pos,
+                                       n_heads, kv.head_dim, splits, reinterpret_cast<uint16_t *>(out), tok_list,
+                                       direct));
 }
 
 }  // namespace dbrx::cuda

@@ -1,0 +1,57 @@
+// Shared by the decode-attention kernels (attention*.cu): the split policy and the layout of the
+// partial softmax states that the merge kernel combines.
+//
+// Batch invariance: a token's split boundaries depend only on its own context length, so its
+// output is bitwise the same whatever else is in the launch; the grid's split count (from max_ctx)
+// only bounds how many splits exist, CTAs past a token's last split exit at once.
+#pragma once
+
+#include <cstdint>
+
+#include "backend/cuda/kernels.h"
+
+namespace dbrx::cuda::attn {
+
+// Keys per split: short contexts use smaller splits to put more CTAs on the GPU at batch 1.
+constexpr int32_t kShortCtx = 4096;
+__host__ __device__ __forceinline__ int32_t split_len(int32_t ctx) { return ctx <= kShortCtx ? 256 : 512; }
+__host__ __device__ __forceinline__ int32_t n_splits(int32_t ctx) {
+    const int32_t len = split_len(ctx);
+    return (ctx + len - 1) / len;
+}
+// Keys [begin, end) of split `s` of a token with `ctx` keys in a grid of `grid_splits` splits. The
+// last grid split takes any remainder, so a context beyond max_ctx is still attended in full.
+__host__ __device__ __forceinline__ void split_range(int32_t ctx, int32_t s, int32_t grid_splits, int32_t &begin,
+                                                     int32_t &end) {
+    const int32_t len = split_len(ctx);
+    begin = s * len;
+    end = s == grid_splits - 1 ? ctx : (begin + len < ctx ? begin + len : ctx);
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Partial state of one (token slot, query head, split): m (running max of the scores in log2
+// units), l (sum of 2^(s - m)), then head_dim unnormalised output accumulators.
+__device__ __forceinline__ float *partial(float *scratch, int64_t slot, int32_t n_heads, int32_t head, int32_t splits,
+                                          int32_t split, int32_t hd) {
+    return scratch + ((slot * n_heads + head) * splits + split) * (hd + 2);
+}
+
+struct Launch {
+    const float *q;
+    int32_t n_heads;
+    TokenMeta meta;
+    KvLayer kv;
+    int32_t splits;
+    float *scratch;
+    uint16_t *out;
+    const int32_t *tok_list;
+};
+
+// Tensor-core path (head_dim a multiple of 16 up to 128, up to 16 query heads per KV head). Writes
+// the output directly for tokens with one split; partials otherwise. Returns false if unsupported.
+bool launch_mma(const Launch &a, int32_t n_tokens, cudaStream_t stream);
+// Generic fp32 path for any head_dim <= 256 and up to 8 query heads per KV head: always partials.
+void launch_generic(const Launch &a, int32_t n_tokens, cudaStream_t stream);
+
+}  // namespace dbrx::cuda::attn
