@@ -55,7 +55,10 @@ public:
     const DeviceModel &model() const { return *model_; }
     cudaStream_t stream() const { return stream_.get(); }
     // For tests and benchmarks: force the MoE path (Auto by default).
-    void set_moe_path(MoePath p) { moe_path_ = p; }
+    void set_moe_path(MoePath p) {
+        moe_path_ = p;
+        graphs_.clear();  // graphs captured another path
+    }
     // For tests: prefill chunks through the split-K kernel instead of flash attention.
     void set_flash_prefill(bool on) { flash_ = on; }
     // CUDA graphs for decode steps: on unless the environment sets DBRX_CUDA_GRAPHS=0. Turning them
