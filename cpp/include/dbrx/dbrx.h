@@ -30,6 +30,7 @@ extern "C" {
 
 #define DBRX_MAX_TOP_LOGPROBS 20
 #define DBRX_MAX_STOP_IDS 16
+#define DBRX_MAX_DEVICES 16
 
 typedef enum dbrx_status {
     DBRX_OK = 0,
@@ -83,6 +84,24 @@ typedef struct dbrx_model_params {
     int32_t expert_parallel;     /* ep ranks; default 1 */
     dbrx_progress_fn progress;   /* may be NULL */
     void *progress_user_data;
+    /* Every sequence's logits bitwise independent of what else shares its steps (batch, chunking,
+     * preemption, prefix cache). The CPU backend always is; CUDA then runs every GEMM as groups of
+     * at most 8 tokens and every attention row through the split-K kernel: same decode speed at
+     * small batches, much slower prefill. Default false. */
+    bool batch_invariant;
+    /* Multi-GPU (CUDA): tensor_parallel * expert_parallel ranks, one per GPU, over n_nodes processes
+     * (one per host) driving n_devices GPUs each, so tp * ep = n_nodes * n_devices.
+     * devices[0 .. n_devices-1]: this process's GPUs (CUDA ordinals, distinct), in rank order;
+     * n_devices = 0 (default): tp * ep / n_nodes consecutive GPUs from device_id. */
+    int32_t n_devices;
+    int32_t devices[DBRX_MAX_DEVICES];
+    /* Several processes: process 0's address "host:port" (it listens there, the others connect);
+     * NULL or "" (default) = MASTER_ADDR and MASTER_PORT. Copied during dbrx_model_load. */
+    const char *rendezvous;
+    int32_t n_nodes;             /* processes; -1 (default) = the launcher's (WORLD_SIZE, SLURM_NTASKS,
+                                    OMPI_COMM_WORLD_SIZE, PMI_SIZE), else 1 */
+    int32_t node_rank;           /* this process's index in [0, n_nodes); -1 (default) = the launcher's
+                                    (RANK, SLURM_PROCID, OMPI_COMM_WORLD_RANK, PMI_RANK), else 0 */
 } dbrx_model_params;
 
 typedef struct dbrx_model_info {

@@ -5,7 +5,9 @@
 
 #include "api/api_guard.h"
 #include "api/handles.h"
+#include "api/api_parallel.h"
 #include "dist/sharded_cpu_backend.h"
+#include "dist/sharded_cuda_backend.h"
 
 #ifdef DBRX_WITH_CUDA
 #include <cuda_runtime.h>
@@ -74,6 +76,12 @@ DBRX_API dbrx_model_params dbrx_model_default_params(void) {
     p.expert_parallel = 1;
     p.progress = nullptr;
     p.progress_user_data = nullptr;
+    p.batch_invariant = false;
+    p.n_devices = 0;
+    std::fill_n(p.devices, DBRX_MAX_DEVICES, 0);
+    p.rendezvous = nullptr;
+    p.n_nodes = -1;
+    p.node_rank = -1;
     return p;
 }
 
@@ -92,10 +100,8 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
             dbrx::invalid_argument("params.device = " + std::to_string(device) + " is not a dbrx_device");
         if (p.n_threads < 0) dbrx::invalid_argument("params.n_threads must be >= 0, got " + std::to_string(p.n_threads));
         if (p.device_id < 0) dbrx::invalid_argument("params.device_id must be >= 0, got " + std::to_string(p.device_id));
-        if (p.tensor_parallel < 1 || p.expert_parallel < 1)
-            dbrx::invalid_argument("params.tensor_parallel and expert_parallel must be >= 1");
-        if (p.device == DBRX_DEVICE_CUDA && (p.tensor_parallel > 1 || p.expert_parallel > 1))
-            dbrx::fail(DBRX_ERR_UNSUPPORTED, "tensor/expert parallelism on CUDA is not available in this build");
+        // tp, ep, devices, rendezvous, n_nodes, node_rank: checked before anything is loaded.
+        const dbrx::api::ParallelLayout layout = dbrx::api::parallel_layout(p, device);
         auto report = [&](float progress) {
             if (p.progress != nullptr && !p.progress(progress, p.progress_user_data))
                 dbrx::invalid_argument("load of " + std::string(dir) + " aborted by the progress callback");
@@ -111,11 +117,15 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
         options.device_id = p.device_id;
         options.tp = p.tensor_parallel;
         options.ep = p.expert_parallel;
+        options.batch_invariant = p.batch_invariant;
         if (p.device == DBRX_DEVICE_CPU) {
             // One rank: the plain CPU backend; tp x ep > 1: ranks as threads of this process.
             model->backend = dbrx::dist::make_parallel_cpu_backend(*model->checkpoint, options);
         } else {
-            model->backend = dbrx::make_cuda_backend(*model->checkpoint, options, p.progress, p.progress_user_data);
+            // One rank: the plain CUDA backend; tp x ep > 1: one rank per GPU over NCCL.
+            model->backend = dbrx::dist::make_parallel_cuda_backend(*model->checkpoint, options, layout.devices,
+                                                                    layout.rendezvous, p.progress,
+                                                                    p.progress_user_data);
         }
         report(1.0f);
         *out = model.release();

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "io/checkpoint.h"
+#include "util/error.h"
 
 namespace dbrx {
 
@@ -19,6 +20,31 @@ struct SeqStep {
     std::span<const int32_t> blocks;  // block table: block i holds positions [i*bs, (i+1)*bs);
                                       // covers at least pos0 + tokens.size() positions
     bool want_logits = false;         // produce the logits of the last new token
+};
+
+// Sampling on the device (forward_summarized): per output row, what the engine needs ...
+struct LogitsNeed {
+    int32_t top_n = 0;         // candidates wanted, 0 .. kMaxLogitsCandidates
+    float temperature = 0.0f;  // > 0: sum_exp_t is wanted too
+};
+
+inline constexpr int32_t kMaxLogitsCandidates = 64;
+
+// ... and what the backend returns: one row l[0 .. vocab) of fp32 logits reduced. Sums are in
+// double, relative to the row's maximum (log-sum-exp = max + log(sum)), and within a relative
+// 1e-10 of the exact sum whatever the summation order; everything else is exact.
+struct LogitsSummary {
+    float max_logit = 0;         // largest finite l; -inf when none is finite
+    int32_t n_finite = 0;        // finite logits
+    int32_t n_nan_or_pos_inf = 0;
+    int32_t n_candidates = 0;    // min(top_n, vocab)
+    double sum_exp = 0;          // sum of exp(l - max_logit) over finite l
+    // With s = l * (1.0f / temperature) in fp32 (as Sampler scales): sum of exp(s - max s) over
+    // finite s; 0 when temperature == 0.
+    double sum_exp_t = 0;
+    // The first n_candidates ids of the row ordered by l descending, ties by lower id, NaN last.
+    int32_t ids[kMaxLogitsCandidates];
+    float logits[kMaxLogitsCandidates];
 };
 
 // Backend-owned KV storage: per layer, per block, block_size x n_kv_heads x head_dim keys and values.
@@ -45,6 +71,19 @@ public:
     // A thrown dbrx::Error fails the requests of this batch only, unless its status is
     // DBRX_ERR_ENGINE_DEAD (device state lost, e.g. a sticky CUDA error): then the engine stops.
     virtual void forward(KvPool &pool, std::span<const SeqStep> batch, float *logits) = 0;
+    // forward() that keeps the logits on the device and returns one summary per output row (needs
+    // and out: one entry per step with want_logits, in batch order). Returns false, having done
+    // nothing, when the backend cannot summarise (the default): the engine then calls forward().
+    virtual bool forward_summarized(KvPool &, std::span<const SeqStep>, std::span<const LogitsNeed>,
+                                    std::span<LogitsSummary>) {
+        return false;
+    }
+    // After forward_summarized returned true: copies output row i ([vocab] floats) to dst. Valid
+    // until the next forward or forward_summarized.
+    virtual void fetch_logits_row(int32_t i, float *) {
+        fail(DBRX_ERR_INTERNAL, "backend " + name() + ": fetch_logits_row(" + std::to_string(i) +
+                                    ") without a summarised step");
+    }
 };
 
 struct BackendOptions {
@@ -53,6 +92,8 @@ struct BackendOptions {
     // Parallel layout (dist/shard_plan.h): tp x ep ranks; 1 x 1 = one unsharded backend.
     int32_t tp = 1;
     int32_t ep = 1;
+    // Logits of a sequence bitwise independent of the rest of the batch (dbrx_model_params).
+    bool batch_invariant = false;
 };
 
 // The checkpoint must outlive the backend (the CPU backend reads the mmapped weights in place).
