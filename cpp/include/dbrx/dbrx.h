@@ -84,6 +84,11 @@ typedef struct dbrx_model_params {
     int32_t expert_parallel;     /* ep ranks; default 1 */
     dbrx_progress_fn progress;   /* may be NULL */
     void *progress_user_data;
+    /* Every sequence's logits bitwise independent of what else shares its steps (batch, chunking,
+     * preemption, prefix cache). The CPU backend always is; CUDA then runs every GEMM as groups of
+     * at most 8 tokens and every attention row through the split-K kernel: same decode speed at
+     * small batches, much slower prefill. Default false. */
+    bool batch_invariant;
     /* Multi-GPU (CUDA): tensor_parallel * expert_parallel ranks, one per GPU, over n_nodes processes
      * (one per host) driving n_devices GPUs each, so tp * ep = n_nodes * n_devices.
      * devices[0 .. n_devices-1]: this process's GPUs (CUDA ordinals, distinct), in rank order;

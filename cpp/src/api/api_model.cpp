@@ -76,6 +76,7 @@ DBRX_API dbrx_model_params dbrx_model_default_params(void) {
     p.expert_parallel = 1;
     p.progress = nullptr;
     p.progress_user_data = nullptr;
+    p.batch_invariant = false;
     p.n_devices = 0;
     std::fill_n(p.devices, DBRX_MAX_DEVICES, 0);
     p.rendezvous = nullptr;
@@ -116,6 +117,7 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
         options.device_id = p.device_id;
         options.tp = p.tensor_parallel;
         options.ep = p.expert_parallel;
+        options.batch_invariant = p.batch_invariant;
         if (p.device == DBRX_DEVICE_CPU) {
             // One rank: the plain CPU backend; tp x ep > 1: ranks as threads of this process.
             model->backend = dbrx::dist::make_parallel_cpu_backend(*model->checkpoint, options);
