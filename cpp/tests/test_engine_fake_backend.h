@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "api/handles.h"
+#include "engine/logits_summary.h"
 #include "model/backend.h"
 #include "util/error.h"
 #include "util/hash.h"
@@ -118,6 +119,29 @@ public:
         }
     }
 
+    // With summaries on, forward_summarized keeps the step's rows and summarises them with the CPU
+    // reference summariser, as a device backend would on its device.
+    bool forward_summarized(KvPool &pool, std::span<const SeqStep> batch, std::span<const LogitsNeed> needs,
+                            std::span<LogitsSummary> out) override {
+        if (!summaries) return false;
+        const size_t rows = static_cast<size_t>(std::count_if(batch.begin(), batch.end(), [](const SeqStep &s) { return s.want_logits; }));
+        if (needs.size() != rows || out.size() != rows) fail(DBRX_ERR_INTERNAL, "fake backend: needs/out do not match the output rows");
+        kept_.assign(rows * static_cast<size_t>(n_vocab_), 0.0f);
+        forward(pool, batch, kept_.data());
+        for (size_t i = 0; i < rows; ++i)
+            summarizer_.summarize(std::span<const float>(kept_).subspan(i * n_vocab_, static_cast<size_t>(n_vocab_)), needs[i], out[i]);
+        rows_summarized.fetch_add(static_cast<int64_t>(rows));
+        return true;
+    }
+    void fetch_logits_row(int32_t i, float *dst) override {
+        if (!summaries || i < 0 || static_cast<size_t>(i + 1) * n_vocab_ > kept_.size())
+            fail(DBRX_ERR_INTERNAL, "fake backend: fetch_logits_row(" + std::to_string(i) + ") outside the last step");
+        std::copy_n(kept_.begin() + static_cast<std::ptrdiff_t>(i) * n_vocab_, n_vocab_, dst);
+        rows_fetched.fetch_add(1);
+    }
+
+    bool summaries = false;  // set before creating an engine
+    std::atomic<int64_t> rows_summarized{0}, rows_fetched{0};
     std::atomic<int64_t> forwards{0};
     std::optional<int32_t> fail_token;  // set before submitting
     std::optional<int32_t> fatal_token; // throws ENGINE_DEAD
@@ -129,6 +153,8 @@ public:
 private:
     int32_t n_vocab_;
     std::mutex mu_;
+    std::vector<float> kept_;  // the last summarised step's rows
+    LogitsSummarizer summarizer_;
 };
 
 // A C API model handle around a FakeBackend (no checkpoint).

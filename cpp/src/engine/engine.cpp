@@ -236,15 +236,13 @@ bool Engine::step(std::unique_lock<std::mutex> &lock) {
         rows += st.want_logits ? 1 : 0;
         steps.push_back(st);
     }
-    logits_.resize(rows * static_cast<size_t>(options_.n_vocab));
-
     // The batch's requests, token vectors and block tables are only changed by this thread, so
     // the backend may read them without the lock while callers poll, submit and cancel.
     std::string failure;
     bool fatal = false;
     lock.unlock();
     try {
-        backend_.forward(*pool_, steps, logits_.data());
+        forward_and_sample(batch, steps, rows);
     } catch (const Error &e) {
         failure = e.what();
         fatal = e.status() == DBRX_ERR_ENGINE_DEAD;
@@ -273,9 +271,7 @@ bool Engine::step(std::unique_lock<std::mutex> &lock) {
     const int64_t before = generated_tokens_;
     size_t row = 0;
     for (const auto &s : batch) {
-        if (!s.want_logits()) continue;
-        emit(*s.request, std::span<const float>(logits_).subspan(row * options_.n_vocab, options_.n_vocab));
-        ++row;
+        if (s.want_logits()) emit(*s.request, sampled_[row++]);
     }
     recent_.emplace_back(std::chrono::steady_clock::now(), static_cast<int32_t>(generated_tokens_ - before));
     if (recent_.size() > 100000) recent_.pop_front();
@@ -283,17 +279,62 @@ bool Engine::step(std::unique_lock<std::mutex> &lock) {
     return true;
 }
 
-void Engine::emit(Request &r, std::span<const float> logits) {
+void Engine::forward_and_sample(const std::vector<ScheduledSeq> &batch, std::span<const SeqStep> steps, size_t rows) {
+    const size_t n_vocab = static_cast<size_t>(options_.n_vocab);
+    needs_.clear();
+    for (const auto &s : batch)
+        if (s.want_logits()) needs_.push_back(logits_need(s.request->sampling));
+    summaries_.resize(rows);
+    const bool summarized = rows > 0 && backend_.forward_summarized(*pool_, steps, needs_, summaries_);
+    if (!summarized) {
+        logits_.resize(rows * n_vocab);
+        backend_.forward(*pool_, steps, logits_.data());
+    }
+    sampled_.resize(rows);
+    size_t row = 0;
+    for (const auto &s : batch) {
+        if (!s.want_logits()) continue;
+        const Request &r = *s.request;
+        Sampled &out = sampled_[row];
+        out.error.clear();
+        out.prompt_logits.clear();
+        const bool keep_row = r.sampling.keep_prompt_logits && r.output.empty();
+        std::span<const float> logits;
+        if (summarized) {
+            if (!keep_row) {
+                const std::optional<dbrx_token> token =
+                    sampler_.sample_summary(summaries_[row], options_.n_vocab, r.sampling, r.seed, r.generated().size());
+                if (token) {
+                    out.token = *token;
+                    ++row;
+                    continue;
+                }
+            }
+            row_.resize(n_vocab);
+            backend_.fetch_logits_row(static_cast<int32_t>(row), row_.data());
+            logits = row_;
+        } else {
+            logits = std::span<const float>(logits_).subspan(row * n_vocab, n_vocab);
+        }
+        try {
+            out.token = sampler_.sample(logits, r.sampling, r.seed, r.prompt(), r.generated());
+            if (keep_row) out.prompt_logits.assign(logits.begin(), logits.end());
+        } catch (const std::exception &e) {
+            out.error = std::string("sampling failed: ") + e.what();
+        }
+        ++row;
+    }
+}
+
+void Engine::emit(Request &r, Sampled &sampled) {
     if (r.cancel_requested) return;  // finished as cancelled at the next step
-    dbrx_token token;
-    try {
-        token = sampler_.sample(logits, r.sampling, r.seed, r.prompt(), r.generated());
-    } catch (const std::exception &e) {
+    if (!sampled.error.empty()) {
         scheduler_.remove(r);
-        finish(r, DBRX_FINISH_ERROR, std::string("sampling failed: ") + e.what());
+        finish(r, DBRX_FINISH_ERROR, sampled.error);
         return;
     }
-    if (r.sampling.keep_prompt_logits && r.output.empty()) r.prompt_logits.assign(logits.begin(), logits.end());
+    const dbrx_token token = sampled.token;
+    if (r.sampling.keep_prompt_logits && r.output.empty()) r.prompt_logits = std::move(sampled.prompt_logits);
     r.tokens.push_back(token.id);
     r.output.push_back(token);
     ++generated_tokens_;

@@ -75,7 +75,16 @@ private:
     // One scheduling step; returns false when there was nothing to do. Called with the lock held,
     // releases it around the backend's forward.
     bool step(std::unique_lock<std::mutex> &lock);
-    void emit(Request &request, std::span<const float> logits);
+    // One output row's outcome, sampled without the lock (only the worker changes what it reads).
+    struct Sampled {
+        dbrx_token token{};
+        std::string error;               // sampling failed
+        std::vector<float> prompt_logits;  // the full row, for the first token of keep_prompt_logits
+    };
+    // Runs the batch on the backend and samples every output row into sampled_: from the
+    // backend's summaries where they prove the token, else from the full row. Backend errors throw.
+    void forward_and_sample(const std::vector<ScheduledSeq> &batch, std::span<const SeqStep> steps, size_t rows);
+    void emit(Request &request, Sampled &sampled);
     void finish(Request &request, dbrx_finish_reason reason, std::string error = {});
     void die(const std::string &message);
 
@@ -102,7 +111,11 @@ private:
     bool wake_ = false;  // new work for the worker since it last looked
     std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
     std::deque<std::pair<std::chrono::steady_clock::time_point, int32_t>> recent_;  // (step end, tokens)
-    std::vector<float> logits_;
+    std::vector<float> logits_;           // rows of a plain forward()
+    std::vector<float> row_;              // one fetched row after forward_summarized()
+    std::vector<LogitsNeed> needs_;
+    std::vector<LogitsSummary> summaries_;
+    std::vector<Sampled> sampled_;
 
     std::thread worker_;  // last: starts after everything above exists
 };
