@@ -1,5 +1,6 @@
 #include "cli.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -110,6 +111,25 @@ void load_model(const Args &args, dbrx_engine_params engine_params, LoadedModel 
     mp.n_threads = static_cast<int32_t>(args.integer("threads", 0, 0, 4096));
     mp.tensor_parallel = static_cast<int32_t>(args.integer("tp", 1, 1, 1024));
     mp.expert_parallel = static_cast<int32_t>(args.integer("ep", 1, 1, 1024));
+    // Multi-GPU: --devices 0,1 (this process's GPUs), --rendezvous host:port, --nodes N, --node-rank R
+    // (the last two default to the launcher's variables; the C API checks them all).
+    if (args.has("devices")) {
+        std::vector<int32_t> devices;
+        try {
+            devices = parse_ids(args.str("devices"), "--devices");
+        } catch (const UsageError &) {
+            throw UsageError("--devices must be a comma-separated list of CUDA device ordinals, e.g. 0,1; got '" +
+                             args.str("devices") + "'");
+        }
+        if (devices.size() > DBRX_MAX_DEVICES)
+            throw UsageError("--devices takes at most " + std::to_string(DBRX_MAX_DEVICES) + " GPUs");
+        mp.n_devices = static_cast<int32_t>(devices.size());
+        std::copy(devices.begin(), devices.end(), mp.devices);
+    }
+    const std::string rendezvous = args.str("rendezvous");
+    mp.rendezvous = rendezvous.empty() ? nullptr : rendezvous.c_str();
+    mp.n_nodes = static_cast<int32_t>(args.integer("nodes", -1, 1, 65536));
+    mp.node_rank = static_cast<int32_t>(args.integer("node-rank", -1, 0, 65535));
     std::string dir = args.required("model");
     check(dbrx_model_load(dir.c_str(), &mp, &out.model), "loading the model");
     check(dbrx_model_get_info(out.model, &out.info), "reading the model info");

@@ -43,7 +43,8 @@ private:
 
 std::vector<int32_t> parse_ids(const std::string &text, const std::string &option);
 
-// Options shared by every subcommand that loads a model: --model, --device, --threads, --tp, --ep.
+// Options shared by every subcommand that loads a model: --model, --device, --threads, --tp, --ep,
+// and for several GPUs --devices, --rendezvous, --nodes, --node-rank.
 struct LoadedModel {
     dbrx_model *model = nullptr;
     dbrx_engine *engine = nullptr;

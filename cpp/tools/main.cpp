@@ -18,7 +18,10 @@ const char *kUsage =
     "  eval     --model DIR --cases reference.json --out OUT.json [--device cpu|cuda] [--threads N]\n"
     "           [--concurrency N] [--kv-blocks N] [--repeat K]\n"
     "  bench    --model DIR [--device cpu|cuda] [--prompt-len N] [--gen N] [--batch N]   (real checkpoint)\n"
-    "  bench    --synthetic dbrx --layers N ...                                        (CUDA kernels, see --help)\n";
+    "  bench    --synthetic dbrx --layers N ...                                        (CUDA kernels, see --help)\n"
+    "  bench    --synthetic dbrx --layers N --tp N [--ep N] [--devices 0,1]                (sharded CUDA backend)\n"
+    "model options, for several GPUs: --device cuda --tp N [--ep N] [--devices 0,1] [--rendezvous host:port]\n"
+    "           [--nodes N --node-rank R]   (nodes / node rank default to RANK/WORLD_SIZE, SLURM_*, OMPI_*, PMI_*)\n";
 
 int exit_code_for(dbrx_status s) {
     switch (s) {
