@@ -34,11 +34,13 @@ struct Variant {
     Launch fn;
 };
 constexpr Variant kVariants[] = {
-    {"8 warps x 16 rows, 2 stages", launch<Cfg<128, 8, 1, 2>>},
-    {"8 warps x 16 rows, 3 stages", launch<Cfg<128, 8, 1, 3>>},
-    {"4 warps x 32 rows, 2 stages", launch<Cfg<128, 4, 2, 2>>},
-    {"4 warps x 32 rows, 3 stages", launch<Cfg<128, 4, 2, 3>>},
-    {"8 warps x 16 rows, 2 stages, 2 CTAs/SM", launch<Cfg<128, 8, 1, 2, 2>>},
+    {"4 warps x 32 rows, 32 keys, 2 stages", launch<Cfg<128, 4, 2, 2, 1, 32>>},
+    {"4 warps x 32 rows, 32 keys, 3 stages", launch<Cfg<128, 4, 2, 3, 1, 32>>},
+    {"4 warps x 32 rows, 64 keys, 2 stages", launch<Cfg<128, 4, 2, 2>>},
+    {"8 warps x 16 rows, 64 keys, 2 stages", launch<Cfg<128, 8, 1, 2>>},
+    {"8 warps x 16 rows, 64 keys, 3 stages", launch<Cfg<128, 8, 1, 3>>},
+    {"8 warps x 16 rows, 64 keys, 2 stages, 2 CTAs/SM", launch<Cfg<128, 8, 1, 2, 2>>},
+    {"8 warps x 16 rows, 128 keys, 2 stages", launch<Cfg<128, 8, 1, 2, 1, 128>>},
 };
 constexpr int32_t kDefault = 0;
 

@@ -2,8 +2,12 @@
 // the head dim and the CTA shape. One CTA computes one tile of kBM query rows of one head:
 //   - Q (scaled by log2(e) / sqrt(hd), bf16) in shared memory, or in registers when a warp owns 16 rows;
 //   - K/V tiles of kBN keys gathered from the paged cache with cp.async (16-byte chunks), kStages deep;
+//     the block-table entries of a tile are fetched one iteration ahead into shared memory, so no
+//     warp waits on a global load before issuing its copies;
 //   - S = Q K^T, the online softmax state and O live in registers; P becomes the A operand of P V
-//     without a shared-memory round trip; exp2 throughout; masks only on tiles crossing the diagonal.
+//     without a shared-memory round trip; exp2 throughout; masks only on tiles crossing the diagonal;
+//     a row's running max moves only when a tile exceeds it by more than 2^kLazy (P stays <= 2^8),
+//     so O is rescaled rarely once the max settles.
 // Shared-memory rows are padded by 16 bytes, so ldmatrix's 8 row addresses hit 8 different bank groups
 // at every head dim.
 #pragma once
@@ -16,14 +20,14 @@
 
 namespace dbrx::cuda::flash {
 
-template <int HD, int W, int MT, int STAGES, int MINB = 1>
+template <int HD, int W, int MT, int STAGES, int MINB = 1, int BN = 64>
 struct Cfg {
     static constexpr int kHd = HD;
     static constexpr int kWarps = W;
     static constexpr int kMt = MT;  // 16-row m-tiles per warp
     static constexpr int kStages = STAGES;
     static constexpr int kBM = W * 16 * MT;
-    static constexpr int kBN = 64;
+    static constexpr int kBN = BN;
     static constexpr int kThreads = 32 * W;
     static constexpr int kLd = HD + 8;  // bf16 per shared-memory row
     static constexpr int kMinBlocks = MINB;  // CTAs per SM the registers are capped for
@@ -31,7 +35,7 @@ struct Cfg {
     static constexpr bool kQRegs = MT == 1 && MINB == 1;
     static constexpr size_t kSmem = static_cast<size_t>(kBM + 2 * STAGES * kBN) * kLd * 2;
     static_assert(kBM == kFlashTile, "a CTA covers exactly one tile of the backend");
-    static_assert(HD % 16 == 0 && STAGES >= 2);
+    static_assert(HD % 16 == 0 && BN % 16 == 0 && BN <= kThreads && STAGES >= 2);
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {
@@ -61,6 +65,9 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// Running-max slack in log2 units: exponentials are taken against a max at most this stale.
+constexpr float kLazy = 8.f;
+
 __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -93,9 +100,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     const int32_t n_kt = last / BN + 1;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    // K/V tile kt -> stage st. Keys past `last` are zero-filled (they are masked, and zero V keeps
-    // 0 * V finite).
-    auto load_kv = [&](int32_t kt, int st) {
+    // (block, slot) of each key of a tile, published one iteration before the tile's copies.
+    __shared__ int2 kmap[2][BN];
+    auto key_place = [&](int32_t j) {
+        return j <= last ? make_int2(table[j / bs], j % bs) : make_int2(0, 0);
+    };
+    // K/V tile kt -> stage st, key r of the tile at place(r). Keys past `last` are zero-filled (they
+    // are masked, and zero V keeps 0 * V finite).
+    auto load_kv = [&](int32_t kt, int st, auto place) {
         constexpr int kChunks = HD / 8, kTotal = BN * kChunks;
 #pragma unroll
         for (int it = 0; it < (kTotal + NT - 1) / NT; ++it) {
@@ -105,9 +117,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             const int32_t j = kt * BN + r;
             const bool valid = j <= last;
             const uint16_t *src = kv.base;
-            if (valid)
-                src = kv.base + static_cast<int64_t>(table[j / bs]) * kv.block_stride +
-                      (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * HD + c * 8;
+            if (valid) {
+                const int2 bp = place(r);
+                src = kv.base + static_cast<int64_t>(bp.x) * kv.block_stride +
+                      (static_cast<int64_t>(bp.y) * kv.n_kv_heads + kvh) * HD + c * 8;
+            }
             const int so = (st * BN + r) * LD + c * 8;
             cp_async16(smem_u32(sk + so), src, valid);
             cp_async16(smem_u32(sv + so), valid ? src + kv.v_offset : src, valid);
@@ -115,15 +129,18 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     };
 #pragma unroll
     for (int s = 0; s < ST - 1; ++s) {
-        if (s < n_kt) load_kv(s, s);
+        if (s < n_kt) load_kv(s, s, [&](int r) { return key_place(s * BN + r); });
         cp_commit();
     }
+    if (tid < BN) kmap[(ST - 1) % 2][tid] = key_place((ST - 1) * BN + tid);
 
-    // Q: fp32 -> scaled bf16; rows past n_rows are zero.
+    // Q: fp32 -> scaled bf16; rows past n_rows are zero. Unrolled so that the loads are in flight together.
     {
         constexpr int kVecs = HD / 8;
-        for (int i = tid; i < BM * kVecs; i += NT) {
-            const int r = i / kVecs, c = i % kVecs;
+        static_assert(BM * kVecs % NT == 0);
+#pragma unroll
+        for (int it = 0; it < BM * kVecs / NT; ++it) {
+            const int i = tid + it * NT, r = i / kVecs, c = i % kVecs;
             uint4 w = make_uint4(0, 0, 0, 0);
             if (r < n_rows) {
                 const float4 *src =
@@ -166,101 +183,116 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         __syncthreads();  // tile kt landed for everyone; tile kt-1's stage is free
         {
             const int32_t nk = kt + ST - 1;
-            if (nk < n_kt) load_kv(nk, nk % ST);
+            const int2 *km = kmap[nk % 2];
+            if (nk < n_kt) load_kv(nk, nk % ST, [&](int r) { return km[r]; });
             cp_commit();
         }
+        // The next tile's block-table entries: loaded now, stored after the math hides the latency.
+        const int2 next_place = tid < BN ? key_place((kt + ST) * BN + tid) : make_int2(0, 0);
         const int32_t key0 = kt * BN;
-        if (!warp_active || key0 > warp_last) continue;  // all keys in this warp's future
-        const uint32_t kst = k_lane + (kt % ST) * BN * LD * 2, vst = v_lane + (kt % ST) * BN * LD * 2;
+        if (warp_active && key0 <= warp_last) {  // else all keys are in this warp's future
+            const uint32_t kst = k_lane + (kt % ST) * BN * LD * 2, vst = v_lane + (kt % ST) * BN * LD * 2;
 
-        // S = Q K^T (16*MT x BN per warp).
-        float s[MT][BN / 8][4];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < HD / 16; ++ks) {
-            uint32_t a[MT][4];
-            if constexpr (C::kQRegs) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) a[0][i] = qf[ks][i];
-            } else {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) ldsm_x4(q_lane + (mt * 16 * LD + ks * 16) * 2, a[mt]);
-            }
-#pragma unroll
-            for (int np = 0; np < BN / 16; ++np) {
-                uint32_t b[4];
-                ldsm_x4(kst + (np * 16 * LD + ks * 16) * 2, b);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    mma_bf16(s[mt][2 * np], a[mt], b[0], b[1]);
-                    mma_bf16(s[mt][2 * np + 1], a[mt], b[2], b[3]);
-                }
-            }
-        }
-        // Causal mask, only where the tile crosses this warp's diagonal.
-        if (key0 + BN - 1 > warp_first) {
+            // S = Q K^T (16*MT x BN per warp).
+            float s[MT][BN / 8][4];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int n = 0; n < BN / 8; ++n)
+                for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int32_t key = key0 + n * 8 + 2 * q4 + (e & 1);
-                        const int32_t qp = warp_first + mt * 16 + g + (e >> 1) * 8;
-                        if (key > qp) s[mt][n][e] = -INFINITY;
+            for (int ks = 0; ks < HD / 16; ++ks) {
+                uint32_t a[MT][4];
+                if constexpr (C::kQRegs) {
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) a[0][i] = qf[ks][i];
+                } else {
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) ldsm_x4(q_lane + (mt * 16 * LD + ks * 16) * 2, a[mt]);
+                }
+#pragma unroll
+                for (int np = 0; np < BN / 16; ++np) {
+                    uint32_t b[4];
+                    ldsm_x4(kst + (np * 16 * LD + ks * 16) * 2, b);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_bf16(s[mt][2 * np], a[mt], b[0], b[1]);
+                        mma_bf16(s[mt][2 * np + 1], a[mt], b[2], b[3]);
                     }
-        }
-        // Online softmax (base 2); each row's 4 owners are one lane quad.
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float mx = m[mt][hr];
-#pragma unroll
-                for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hr], s[mt][n][2 * hr + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float corr = ex2(m[mt][hr] - mx);
-                m[mt][hr] = mx;
-                float sum = 0.f;
-#pragma unroll
-                for (int n = 0; n < BN / 8; ++n) {
-                    s[mt][n][2 * hr] = ex2(s[mt][n][2 * hr] - mx);
-                    s[mt][n][2 * hr + 1] = ex2(s[mt][n][2 * hr + 1] - mx);
-                    sum += s[mt][n][2 * hr] + s[mt][n][2 * hr + 1];
-                }
-                l[mt][hr] = l[mt][hr] * corr + sum;
-#pragma unroll
-                for (int n = 0; n < HD / 8; ++n) {
-                    o[mt][n][2 * hr] *= corr;
-                    o[mt][n][2 * hr + 1] *= corr;
                 }
             }
-        // O += P V: P's accumulator layout is the A fragment layout of the next mma.
+            // Causal mask, only where the tile crosses this warp's diagonal.
+            if (key0 + BN - 1 > warp_first) {
 #pragma unroll
-        for (int ks = 0; ks < BN / 16; ++ks) {
-            uint32_t a[MT][4];
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                a[mt][0] = pack_bf16(s[mt][2 * ks][0], s[mt][2 * ks][1]);
-                a[mt][1] = pack_bf16(s[mt][2 * ks][2], s[mt][2 * ks][3]);
-                a[mt][2] = pack_bf16(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
-                a[mt][3] = pack_bf16(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+                    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int32_t key = key0 + n * 8 + 2 * q4 + (e & 1);
+                            const int32_t qp = warp_first + mt * 16 + g + (e >> 1) * 8;
+                            if (key > qp) s[mt][n][e] = -INFINITY;
+                        }
             }
+            // Online softmax (base 2); each row's 4 owners are one lane quad.
+            float corr[MT][2];
+            bool rescale = false;
 #pragma unroll
-            for (int np = 0; np < HD / 16; ++np) {
-                uint32_t b[4];
-                ldsm_x4_t(vst + (ks * 16 * LD + np * 16) * 2, b);
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr) {
+                    float mx = m[mt][hr];
+#pragma unroll
+                    for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hr], s[mt][n][2 * hr + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    const float m_new = mx > m[mt][hr] + kLazy ? mx : m[mt][hr];  // first tile: m = -inf
+                    corr[mt][hr] = ex2(m[mt][hr] - m_new);
+                    rescale |= corr[mt][hr] != 1.f;
+                    m[mt][hr] = m_new;
+                    mx = m_new;
+                    float sum = 0.f;
+#pragma unroll
+                    for (int n = 0; n < BN / 8; ++n) {
+                        s[mt][n][2 * hr] = ex2(s[mt][n][2 * hr] - mx);
+                        s[mt][n][2 * hr + 1] = ex2(s[mt][n][2 * hr + 1] - mx);
+                        sum += s[mt][n][2 * hr] + s[mt][n][2 * hr + 1];
+                    }
+                    l[mt][hr] = l[mt][hr] * corr[mt][hr] + sum;
+                }
+            if (__any_sync(0xffffffffu, rescale))
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int n = 0; n < HD / 8; ++n) {
+                        o[mt][n][0] *= corr[mt][0];
+                        o[mt][n][1] *= corr[mt][0];
+                        o[mt][n][2] *= corr[mt][1];
+                        o[mt][n][3] *= corr[mt][1];
+                    }
+            // O += P V: P's accumulator layout is the A fragment layout of the next mma.
+#pragma unroll
+            for (int ks = 0; ks < BN / 16; ++ks) {
+                uint32_t a[MT][4];
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
-                    mma_bf16(o[mt][2 * np], a[mt], b[0], b[1]);
-                    mma_bf16(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+                    a[mt][0] = pack_bf16(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+                    a[mt][1] = pack_bf16(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+                    a[mt][2] = pack_bf16(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+                    a[mt][3] = pack_bf16(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+                }
+#pragma unroll
+                for (int np = 0; np < HD / 16; ++np) {
+                    uint32_t b[4];
+                    ldsm_x4_t(vst + (ks * 16 * LD + np * 16) * 2, b);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_bf16(o[mt][2 * np], a[mt], b[0], b[1]);
+                        mma_bf16(o[mt][2 * np + 1], a[mt], b[2], b[3]);
+                    }
                 }
             }
         }
+        if (tid < BN) kmap[(kt + ST) % 2][tid] = next_place;
     }
     cp_wait<0>();
 

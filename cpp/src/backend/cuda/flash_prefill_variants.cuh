@@ -12,7 +12,7 @@
 namespace dbrx::cuda::flash {
 
 int32_t variant_count();
-// "W warps x R rows, S stages[, CTAs per SM]"
+// "W warps x R rows, N keys, S stages[, CTAs per SM]"
 const char *variant_name(int32_t variant);
 // The variant flash_prefill uses at head dim 128.
 int32_t default_variant();
