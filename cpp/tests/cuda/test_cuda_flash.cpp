@@ -174,7 +174,9 @@ void check_long(int32_t S, uint32_t seed) {
     DBRX_CUDA_CHECK(cudaEventCreate(&e1));
     for (int32_t v = 0; v < flash::variant_count(); ++v) {
         const double diff = rel_max_err(d.run(v), got);
-        EXPECT_LT(diff, 1e-3) << flash::variant_name(v) << " differs from flash_prefill";
+        // Variants with other key-tile widths move the lazy max at other keys, so P and the output
+        // round to bf16 differently; beyond that they compute the same thing.
+        EXPECT_LT(diff, 1e-2) << flash::variant_name(v) << " differs from flash_prefill";
         const int reps = S >= 16384 ? 3 : 10;
         DBRX_CUDA_CHECK(cudaEventRecord(e0));
         for (int i = 0; i < reps; ++i)
