@@ -14,22 +14,42 @@ namespace {
 
 // One block per (token slot, query head): combines the token's splits in split order, so the result
 // depends only on the token's own context. Tokens with a single split were written by the
-// tensor-core kernel itself when direct_single is set.
-__global__ void attention_merge_kernel(const float *scratch, const int32_t *pos, int32_t n_heads, int32_t hd,
-                                       int32_t splits, uint16_t *out, const int32_t *tok_list, bool direct_single) {
+// tensor-core kernel itself when direct_single is set. The splits' (m, l) go to shared memory first
+// and each thread keeps kUnroll partial outputs in flight, so long split lists are not latency-bound.
+constexpr int kMergeThreads = 128;
+constexpr int kUnroll = 8;
+constexpr int32_t kMaxMergeSplits = 48 * 1024 / (2 * sizeof(float));
+
+__global__ void __launch_bounds__(kMergeThreads)
+    attention_merge_kernel(const float *scratch, const int32_t *pos, int32_t n_heads, int32_t hd, int32_t splits,
+                           uint16_t *out, const int32_t *tok_list, bool direct_single) {
+    extern __shared__ float ml[];  // m[splits], then l[splits]
     const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, h = blockIdx.y;
     const int32_t ns = min(attn::n_splits(pos[t] + 1), splits);
     if (direct_single && ns == 1) return;
     asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the attention grid's partials are complete
     const float *p0 = attn::partial(const_cast<float *>(scratch), slot, n_heads, h, splits, 0, hd);
     const int64_t stride = hd + 2;
+    float *ms = ml, *ls = ml + splits;
+    for (int32_t s = threadIdx.x; s < ns; s += blockDim.x) {
+        ms[s] = p0[s * stride];
+        ls[s] = p0[s * stride + 1];
+    }
+    __syncthreads();
     float M = -INFINITY;
-    for (int32_t s = 0; s < ns; ++s) M = fmaxf(M, p0[s * stride]);
+    for (int32_t s = 0; s < ns; ++s) M = fmaxf(M, ms[s]);
     float L = 0.f;
-    for (int32_t s = 0; s < ns; ++s) L += p0[s * stride + 1] * exp2f(p0[s * stride] - M);
+    for (int32_t s = 0; s < ns; ++s) L += ls[s] * exp2f(ms[s] - M);
     for (int32_t dim = threadIdx.x; dim < hd; dim += blockDim.x) {
         float A = 0.f;
-        for (int32_t s = 0; s < ns; ++s) A += p0[s * stride + 2 + dim] * exp2f(p0[s * stride] - M);
+        for (int32_t s0 = 0; s0 < ns; s0 += kUnroll) {
+            float v[kUnroll];
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) v[i] = s0 + i < ns ? p0[(s0 + i) * stride + 2 + dim] : 0.f;
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i)
+                if (s0 + i < ns) A += v[i] * exp2f(ms[s0 + i] - M);
+        }
         out[(static_cast<int64_t>(t) * n_heads + h) * hd + dim] = f2bf(A / L);
     }
 }
@@ -41,8 +61,9 @@ __global__ void attention_merge_kernel(const float *scratch, const int32_t *pos,
 // token must not depend on the rest of the batch.
 int32_t attention_splits(int32_t /*n_tokens*/, int32_t /*n_kv_heads*/, int32_t max_ctx) {
     if (max_ctx <= 1) return 1;
-    int32_t s = attn::n_splits(max_ctx < attn::kShortCtx ? max_ctx : attn::kShortCtx);
-    if (max_ctx > attn::kShortCtx) s = std::max(s, attn::n_splits(max_ctx));
+    int32_t s = attn::n_splits(std::min(max_ctx, attn::kShortCtx));
+    if (max_ctx > attn::kShortCtx) s = std::max(s, attn::n_splits(std::min(max_ctx, attn::kMidCtx)));
+    if (max_ctx > attn::kMidCtx) s = std::max(s, attn::n_splits(max_ctx));
     return s;
 }
 
@@ -54,8 +75,9 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
                int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream, const int32_t *tok_list) {
     (void)max_ctx;  // sizes nothing here: `splits` (from attention_splits(max_ctx)) is the grid bound
     if (n_tokens == 0) return;
-    if (splits < 1)
-        invalid_argument("CUDA attention: splits must be at least 1, got " + std::to_string(splits));
+    if (splits < 1 || splits > kMaxMergeSplits)
+        invalid_argument("CUDA attention: splits must be in [1, " + std::to_string(kMaxMergeSplits) + "], got " +
+                         std::to_string(splits));
     if (kv.n_kv_heads < 1 || n_heads % kv.n_kv_heads != 0)
         fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: " + std::to_string(n_heads) + " query heads do not group over " +
                                        std::to_string(kv.n_kv_heads) + " KV heads");
@@ -73,7 +95,8 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
     // Programmatic dependent launch: the merge's launch overlaps the attention grid's tail.
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(n_tokens, n_heads);
-    cfg.blockDim = dim3(kv.head_dim < 128 ? kv.head_dim : 128);
+    cfg.blockDim = dim3(kMergeThreads);
+    cfg.dynamicSmemBytes = 2 * sizeof(float) * splits;
     cfg.stream = stream;
     cudaLaunchAttribute attr{};
     attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;

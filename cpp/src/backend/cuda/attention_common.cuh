@@ -12,9 +12,13 @@
 
 namespace dbrx::cuda::attn {
 
-// Keys per split: short contexts use smaller splits to put more CTAs on the GPU at batch 1.
-constexpr int32_t kShortCtx = 4096;
-__host__ __device__ __forceinline__ int32_t split_len(int32_t ctx) { return ctx <= kShortCtx ? 256 : 512; }
+// Keys per split, by context length: about 16-32 splits per token up to 32K keys, so that one
+// sequence alone fills the GPU about once (8 KV heads x 32 splits = 256 CTAs, 2 per SM) while a
+// large batch does not pay for many small splits' partial states.
+constexpr int32_t kShortCtx = 4096, kMidCtx = 16384;
+__host__ __device__ __forceinline__ int32_t split_len(int32_t ctx) {
+    return ctx <= kShortCtx ? 256 : ctx <= kMidCtx ? 512 : 1024;
+}
 __host__ __device__ __forceinline__ int32_t n_splits(int32_t ctx) {
     const int32_t len = split_len(ctx);
     return (ctx + len - 1) / len;

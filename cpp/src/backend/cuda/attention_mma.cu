@@ -71,8 +71,9 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// Two CTAs per SM with 3 stages; three with 2 stages (the register budget then drops to 168).
 template <int HD, int kStages>
-__global__ void __launch_bounds__(kWarps * 32, 2)
+__global__ void __launch_bounds__(kWarps * 32, kStages == 2 ? 3 : 2)
     decode_mma_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float qscale,
                       float *scratch, uint16_t *out, const int32_t *tok_list) {
     using S = Smem<HD, kStages>;
@@ -86,21 +87,6 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     const int32_t G = n_heads / kv.n_kv_heads, bs = kv.block_size;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
-
-    // Q as the A operand: rows are the group's query heads (zero past G), scaled into log2 units.
-    uint32_t qf[HD / 16][4];
-    {
-        const float *qh = q + (static_cast<int64_t>(t) * n_heads + static_cast<int64_t>(kvh) * G) * HD;
-#pragma unroll
-        for (int ks = 0; ks < HD / 16; ++ks)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int row = g + (i & 1) * 8, col = ks * 16 + 2 * c + (i >> 1) * 8;
-                float2 v = make_float2(0.f, 0.f);
-                if (row < G) v = *reinterpret_cast<const float2 *>(qh + row * HD + col);
-                qf[ks][i] = pack_bf16(v.x * qscale, v.y * qscale);
-            }
-    }
 
     const int32_t n_tiles = (end - begin + kTile - 1) / kTile;
     const int32_t n_my = n_tiles > warp ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
@@ -143,6 +129,22 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
         }
         cp_commit();
     }
+    // Q as the A operand: rows are the group's query heads (zero past G), scaled into log2 units;
+    // loaded once the first tiles are in flight.
+    uint32_t qf[HD / 16][4];
+    {
+        const float *qh = q + (static_cast<int64_t>(t) * n_heads + static_cast<int64_t>(kvh) * G) * HD;
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ++ks)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = g + (i & 1) * 8, col = ks * 16 + 2 * c + (i >> 1) * 8;
+                float2 v = make_float2(0.f, 0.f);
+                if (row < G) v = *reinterpret_cast<const float2 *>(qh + row * HD + col);
+                qf[ks][i] = pack_bf16(v.x * qscale, v.y * qscale);
+            }
+    }
+
     for (int32_t k = 0; k < n_my; ++k) {
         const int32_t kn = k + kStages - 1;
         if (kn < n_my) {
