@@ -53,4 +53,21 @@ TEST(DistCli, BadMultiGpuOptionsExitWithTwo) {
     expect_usage_error("--device cpu --tp 2 --nodes 2 --node-rank 1", "runs in one process");
 }
 
+// CI has no GPU and the GPU machine one: the tp 2 benchmark must say it needs 2 GPUs (or that the
+// build has no CUDA), with exit code 2, never crash.
+TEST(DistCli, ShardedBenchWithoutEnoughGpusExitsWithTwo) {
+    const fs::path err = fs::temp_directory_path() / ("dbrx_dist_bench_" + std::to_string(::getpid()) + ".err");
+    const std::string cmd = std::string(DBRX_CLI_PATH) + " bench --synthetic dbrx --layers 1 --tp 2 --devices 0,63 "
+                            ">/dev/null 2>" + err.string();
+    const int status = std::system(cmd.c_str());
+    std::ifstream in(err);
+    const std::string text(std::istreambuf_iterator<char>(in), {});
+    fs::remove(err);
+    ASSERT_TRUE(WIFEXITED(status)) << text;
+    EXPECT_EQ(WEXITSTATUS(status), 2) << text;
+    EXPECT_TRUE(text.find("needs 2 GPUs (devices 0,63)") != std::string::npos ||
+                text.find("this build has none") != std::string::npos)
+        << text;
+}
+
 }  // namespace

@@ -62,5 +62,7 @@ dbrx_sampling_params sampling_from_args(const Args &args);
 int cmd_generate(int argc, char **argv);
 int cmd_eval(int argc, char **argv);
 int cmd_throughput(int argc, char **argv);
+// `dbrx bench --synthetic dbrx --tp N [--ep N]`: the sharded CUDA backend (bench_cuda_dist.cpp).
+int run_bench_dist(int argc, char **argv);
 
 }  // namespace dbrx::cli

@@ -37,11 +37,16 @@ int exit_code_for(dbrx_status s) {
     }
 }
 
-bool wants_synthetic(int argc, char **argv) {
+bool has_option(int argc, char **argv, const char *name) {
+    const size_t n = std::strlen(name);
     for (int i = 2; i < argc; ++i)
-        if (std::strncmp(argv[i], "--synthetic", 11) == 0) return true;
+        if (std::strncmp(argv[i], name, n) == 0 && (argv[i][n] == '\0' || argv[i][n] == '=')) return true;
     return false;
 }
+
+bool wants_synthetic(int argc, char **argv) { return has_option(argc, argv, "--synthetic"); }
+// --tp / --ep with --synthetic: the sharded CUDA backend's benchmark.
+bool wants_sharded(int argc, char **argv) { return has_option(argc, argv, "--tp") || has_option(argc, argv, "--ep"); }
 
 }  // namespace
 
@@ -55,7 +60,10 @@ int main(int argc, char **argv) {
     try {
         if (cmd == "generate") return cmd_generate(argc, argv);
         if (cmd == "eval") return cmd_eval(argc, argv);
-        if (cmd == "bench") return wants_synthetic(argc, argv) ? run_bench(argc, argv) : cmd_throughput(argc, argv);
+        if (cmd == "bench") {
+            if (!wants_synthetic(argc, argv)) return cmd_throughput(argc, argv);
+            return wants_sharded(argc, argv) ? run_bench_dist(argc, argv) : run_bench(argc, argv);
+        }
         if (cmd == "--version") {
             std::printf("dbrx %s\n", dbrx_version());
             return 0;
