@@ -101,11 +101,20 @@ void moe_down_gemv(const bf16_t *g, const bf16_t *w2, const int32_t *offsets, co
                    int32_t max_active, int32_t max_rows, int32_t n_rows, int32_t d, int32_t ffn, float *y,
                    cudaStream_t stream);
 
+// A few rows per expert as streaming tensor-core GEMVs (moe_stream.cu), device-routed: weights
+// from HBM straight into registers, token rows as the mma's 8-wide N side. Both projections:
+// g as in moe_up_grouped, then y[p][row] (fp32, part stride n_rows * d) for the
+// kMoeStreamDownSplits K splits that moe_unpermute sums. Shapes: d % 256 == 0, ffn % 64 == 0.
+constexpr int32_t kMoeStreamDownSplits = 4;
+bool moe_stream_supported(int32_t d, int32_t ffn);
+void moe_experts_stream(const bf16_t *xp, const bf16_t *w13, const bf16_t *w2, const int32_t *offsets,
+                        const int32_t *active, int32_t max_active, int32_t max_rows, int32_t n_rows, int32_t d,
+                        int32_t ffn, bf16_t *g, float *y, cudaStream_t stream);
+
 // Mid-batch experts as grouped tensor-core GEMMs driven by the same device-side routing (no host
 // round trip, so capturable in a CUDA graph). Each block owns an (active expert, N tile) and walks
-// that expert's rows, so the weights are read once while an expert has at most 256 rows. Above
-// kMoeGroupedMaxTokens tokens cuBLAS per expert is faster. Shapes: d % 128 == 0, ffn % 64 == 0.
-constexpr int32_t kMoeGroupedMaxTokens = 1024;
+// that expert's rows, so the weights are read once while an expert has at most 256 rows.
+// Shapes: d % 128 == 0, ffn % 64 == 0.
 bool moe_grouped_supported(int32_t d, int32_t ffn);
 // g[row][j] = bf16(silu(xp[row] . W13[e][j]) * (xp[row] . W13[e][F + j])); max_rows bounds any
 // one expert's rows (at most the token count).
@@ -114,7 +123,9 @@ void moe_up_grouped(const bf16_t *xp, const bf16_t *w13, const int32_t *offsets,
 // y[row] = g[row] . W2[e] (fp32 [rows][d], one part for moe_unpermute).
 void moe_down_grouped(const bf16_t *g, const bf16_t *w2, const int32_t *offsets, const int32_t *active,
                       int32_t max_active, int32_t max_rows, int32_t d, int32_t ffn, float *y, cudaStream_t stream);
-// g[row][j] = bf16(silu(gu[row][j]) * gu[row][F + j]) for bf16 gu [rows][2F] (the cuBLAS path).
+// g[row][j] = bf16(silu(gu[row][j]) * gu[row][F + j]) for bf16 gu [rows][2F]: the cuBLAS path's
+// gate|up output from kMoeBf16GateUpRows rows (token x rank pairs) up.
+constexpr int64_t kMoeBf16GateUpRows = 1024;
 void silu_mul_bf16(const bf16_t *gu, bf16_t *g, int32_t n_rows, int32_t ffn, cudaStream_t stream);
 
 // y[T][N] = beta * y + x[T][K] . W[N][K]^T for T <= kGemvMaxTokens (decode-sized GEMMs), streaming W

@@ -16,6 +16,9 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
     if (path == MoePath::Gemv && T > kMoeGemvMaxRows)
         invalid_argument("MoE GEMV path takes at most " + std::to_string(kMoeGemvMaxRows) + " tokens, got " +
                          std::to_string(T));
+    if (path == MoePath::Stream && !moe_stream_supported(d, F))
+        invalid_argument("MoE streaming path needs d_model % 256 == 0 and ffn % 64 == 0, got d_model " +
+                         std::to_string(d) + ", ffn " + std::to_string(F));
     if (path == MoePath::Grouped && !moe_grouped_supported(d, F))
         invalid_argument("MoE grouped path needs d_model % 128 == 0 and ffn % 64 == 0, got d_model " +
                          std::to_string(d) + ", ffn " + std::to_string(F));
@@ -47,6 +50,14 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
                       d, h, stream);
         return;
     }
+    if (path == MoePath::Stream) {
+        y_.reserve(sizeof(float) * kMoeStreamDownSplits * rows * d, "expert outputs");
+        moe_experts_stream(xp_.as<bf16_t>(), w.w13, w.w2, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active,
+                           T, static_cast<int32_t>(rows), d, F, g_.as<bf16_t>(), y_.as<float>(), stream);
+        moe_unpermute(y_.as<float>(), kMoeStreamDownSplits, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T,
+                      k, d, h, stream);
+        return;
+    }
     if (path == MoePath::Grouped) {
         y_.reserve(sizeof(float) * rows * d, "expert outputs");
         moe_up_grouped(xp_.as<bf16_t>(), w.w13, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active, T, d, F,
@@ -56,25 +67,29 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
         moe_unpermute(y_.as<float>(), 1, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T, k, d, h, stream);
         return;
     }
-    gu_.reserve(sizeof(bf16_t) * rows * 2 * F, "expert gate/up");
+    // Prefill-sized batches keep gate|up in bf16 (halves the traffic of the largest intermediate);
+    // smaller ones keep fp32 (the GEMV-backed gemm_xwt for an expert's few rows, the GEMV path's numerics).
+    const bool gu_bf16 = rows >= kMoeBf16GateUpRows;
+    gu_.reserve((gu_bf16 ? sizeof(bf16_t) : sizeof(float)) * rows * 2 * F, "expert gate/up");
     y_.reserve(sizeof(float) * rows * d, "expert outputs");
     host_offsets_.reserve(sizeof(int32_t) * (E + 1));
     DBRX_CUDA_CHECK(cudaMemcpyAsync(host_offsets_.get(), offsets_.get(), sizeof(int32_t) * (E + 1),
                                     cudaMemcpyDeviceToHost, stream));
     DBRX_CUDA_CHECK(cudaStreamSynchronize(stream));
     const int32_t *off = host_offsets_.as<int32_t>();
-    // Gate|up in bf16 (halves the traffic of the largest intermediate), SiLU*up over it.
     const float one = 1.f, zero = 0.f;
     for (int32_t e = 0; e < E; ++e) {
         const int32_t n = off[e + 1] - off[e];
         if (n == 0) continue;
-        DBRX_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, 2 * F, n, d, &one,
-                                       w.w13 + static_cast<int64_t>(e) * 2 * F * d, CUDA_R_16BF, d,
-                                       xp_.as<bf16_t>() + static_cast<int64_t>(off[e]) * d, CUDA_R_16BF, d, &zero,
-                                       gu_.as<bf16_t>() + static_cast<int64_t>(off[e]) * 2 * F, CUDA_R_16BF, 2 * F,
-                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        const bf16_t *we = w.w13 + static_cast<int64_t>(e) * 2 * F * d, *xe = xp_.as<bf16_t>() + int64_t{off[e]} * d;
+        if (gu_bf16)
+            DBRX_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, 2 * F, n, d, &one, we, CUDA_R_16BF, d, xe,
+                                           CUDA_R_16BF, d, &zero, gu_.as<bf16_t>() + int64_t{off[e]} * 2 * F,
+                                           CUDA_R_16BF, 2 * F, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        else gemm_xwt(blas, xe, n, d, we, 2 * F, gu_.as<float>() + int64_t{off[e]} * 2 * F);
     }
-    silu_mul_bf16(gu_.as<bf16_t>(), g_.as<bf16_t>(), static_cast<int32_t>(rows), F, stream);
+    if (gu_bf16) silu_mul_bf16(gu_.as<bf16_t>(), g_.as<bf16_t>(), static_cast<int32_t>(rows), F, stream);
+    else silu_mul(gu_.as<float>(), g_.as<bf16_t>(), static_cast<int32_t>(rows), F, stream);
     for (int32_t e = 0; e < E; ++e) {
         const int32_t n = off[e + 1] - off[e];
         if (n == 0) continue;
@@ -85,8 +100,11 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
 }
 
 MoePath Moe::resolve(int32_t T) const {
+    const int32_t d = s_.d_model, F = s_.ffn;
+    if (T <= kMoeAutoGemvMaxTokens) return MoePath::Gemv;
+    if (T <= kMoeAutoStreamMaxTokens && moe_stream_supported(d, F)) return MoePath::Stream;
+    if (T <= kMoeAutoGroupedMaxTokens && moe_grouped_supported(d, F)) return MoePath::Grouped;
     if (T <= kMoeGemvMaxRows) return MoePath::Gemv;
-    if (T <= kMoeGroupedMaxTokens && moe_grouped_supported(s_.d_model, s_.ffn)) return MoePath::Grouped;
     return MoePath::Gemm;
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/kernels.h"
 #include "util/bf16.h"
 
 namespace dbrx::cuda {
@@ -25,11 +26,19 @@ struct MoeWeights {
 };
 
 enum class MoePath {
-    Auto,     // the fastest of the three for the token count (Moe::resolve)
+    Auto,     // the fastest for the token count (Moe::resolve)
     Gemv,     // device-routed GEMV kernels (T <= kMoeGemvMaxRows); no host round trip
+    Stream,   // device-routed streaming tensor-core GEMVs (moe_stream_supported shapes); no host round trip
     Grouped,  // device-routed grouped tensor-core GEMMs (moe_grouped_supported shapes); no host round trip
     Gemm,     // cuBLAS per expert; reads the expert offsets back to the host once per layer
 };
+
+// Auto's token-count ranges (measured on the H200 at the DBRX shape; see test_cuda_moe.cpp).
+constexpr int32_t kMoeAutoGemvMaxTokens = 8;
+constexpr int32_t kMoeAutoStreamMaxTokens = 128;
+constexpr int32_t kMoeAutoGroupedMaxTokens = 1024;
+static_assert(kMoeAutoGemvMaxTokens <= kMoeGemvMaxRows && kMoeAutoGemvMaxTokens <= kMoeAutoStreamMaxTokens &&
+              kMoeAutoStreamMaxTokens <= kMoeAutoGroupedMaxTokens);
 
 class Moe {
 public:
@@ -42,8 +51,8 @@ public:
     const float *weights() const { return weights_.as<float>(); }
     int32_t active_experts(cudaStream_t stream);
     const MoeShape &shape() const { return s_; }
-    // The path Auto takes for n_tokens: GEMV up to kMoeGemvMaxRows, grouped GEMMs up to
-    // kMoeGroupedMaxTokens where the shape allows, cuBLAS above (or where it does not).
+    // The path Auto takes for n_tokens: GEMV, then streaming GEMVs, then grouped GEMMs up to the
+    // kMoeAuto*MaxTokens bounds where the shape allows them, cuBLAS above (or where none fits).
     MoePath resolve(int32_t n_tokens) const;
     // True when forward's Auto path for n_tokens needs no host synchronisation (CUDA-graph capture).
     bool capturable(int32_t n_tokens) const { return resolve(n_tokens) != MoePath::Gemm; }

@@ -14,7 +14,7 @@ namespace {
 
 constexpr int kThreads = 256;  // 8 warps: 2 along M (interleaved 16-row slices) x 4 along N
 constexpr int kBN = 128;       // tile columns (up: 64 gate + 64 up outputs of the same j)
-constexpr int kBK = 32;
+constexpr int kBK = 64;  // 128 bytes of each weight row per stage
 constexpr int kPadK = kBK + 8;  // smem row stride (elements) of K-major tiles: ldmatrix without bank conflicts
 constexpr int kPadN = kBN + 8;  // smem row stride of the N-major W2 tile
 
@@ -26,9 +26,11 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
     return p;
 }
-// Weights are read once: ask L2 to drop them first so the activations (re-read by every N tile) stay.
+// Weights are read once: ask L2 to drop them first so the activations (re-read by every N tile)
+// stay, and to fetch 256 bytes of the row at a time (the next stage reads the other half).
 __device__ __forceinline__ void cp_async_stream(uint32_t dst, const void *src, uint64_t policy) {
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "l"(policy));
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "l"(policy));
 }
 __device__ __forceinline__ void cp_async(uint32_t dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
@@ -57,7 +59,7 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
 
 template <bool UP, int MI> struct Tile {
     static constexpr int BM = 2 * MI * 16;
-    static constexpr int kStages = MI == 4 ? 5 : 6;  // MI 2 and 4: two blocks per SM; MI 8: one
+    static constexpr int kStages = MI == 4 ? 3 : 4;  // MI 2 and 4: two blocks per SM; MI 8: one
     static constexpr int kAElems = BM * kPadK;
     static constexpr int kBElems = UP ? kBN * kPadK : kBK * kPadN;
     static constexpr int kStageElems = kAElems + kBElems;
@@ -85,15 +87,16 @@ __global__ void __launch_bounds__(kThreads, MI >= 8 ? 1 : 2)
     const uint16_t *we = w + static_cast<int64_t>(e) * (UP ? 2 : 1) * N * K;
     const uint64_t policy = evict_first_policy();
 
-    // Each thread's two 16-byte weight chunks of a stage: source row start and smem offset.
-    const uint16_t *b_src[2];
-    int b_dst[2];
+    // Each thread's four 16-byte weight chunks of a stage: source row start and smem offset.
+    constexpr int kBChunks = 4;  // 128 rows x 8 chunks (up) or 64 rows x 16 chunks (down) over 256 threads
+    const uint16_t *b_src[kBChunks];
+    int b_dst[kBChunks];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kBChunks; ++i) {
         const int c = tid + i * kThreads;
         if constexpr (UP) {
             // Tile row r: warp column wn = r / 32 holds gate rows j0 + wn*16 + [0,16) then the up rows of the same j.
-            const int r = c / 4, ch = c % 4, q = r % 32, j = n0 + (r / 32) * 16 + (q % 16);
+            const int r = c / 8, ch = c % 8, q = r % 32, j = n0 + (r / 32) * 16 + (q % 16);
             b_src[i] = we + static_cast<int64_t>(q < 16 ? j : N + j) * K + ch * 8;
             b_dst[i] = r * kPadK + ch * 8;
         } else {
@@ -103,7 +106,7 @@ __global__ void __launch_bounds__(kThreads, MI >= 8 ? 1 : 2)
         }
     }
     const uint32_t smem_base = smem_u32(smem);
-    constexpr int kAChunks = BM * (kBK / 8) / kThreads;  // = MI / 2
+    constexpr int kAChunks = BM * (kBK / 8) / kThreads;  // = MI
 
     float acc[MI][4][4];
     for (int32_t m0 = 0; m0 < ne; m0 += BM) {
@@ -122,11 +125,11 @@ __global__ void __launch_bounds__(kThreads, MI >= 8 ? 1 : 2)
             const int64_t k0 = static_cast<int64_t>(kt) * kBK;
 #pragma unroll
             for (int i = 0; i < kAChunks; ++i) {
-                const int c = tid + i * kThreads, r = c / 4, ch = c % 4;
+                const int c = tid + i * kThreads, r = c / 8, ch = c % 8;
                 if (r < rows) cp_async(sa + 2u * (r * kPadK + ch * 8), a_rows + static_cast<int64_t>(r) * K + k0 + ch * 8);
             }
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < kBChunks; ++i)
                 cp_async_stream(sb + 2u * b_dst[i], b_src[i] + (UP ? k0 : k0 * N), policy);
         };
 
