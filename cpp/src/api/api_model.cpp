@@ -102,6 +102,9 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
         if (p.device_id < 0) dbrx::invalid_argument("params.device_id must be >= 0, got " + std::to_string(p.device_id));
         // tp, ep, devices, rendezvous, n_nodes, node_rank: checked before anything is loaded.
         const dbrx::api::ParallelLayout layout = dbrx::api::parallel_layout(p, device);
+        if (p.batch_invariant && device == DBRX_DEVICE_CUDA && p.tensor_parallel * p.expert_parallel > 1)
+            dbrx::fail(DBRX_ERR_UNSUPPORTED, "params.batch_invariant is not available with tensor/expert parallelism on "
+                                             "CUDA (the CPU backend is always batch-invariant)");
         auto report = [&](float progress) {
             if (p.progress != nullptr && !p.progress(progress, p.progress_user_data))
                 dbrx::invalid_argument("load of " + std::string(dir) + " aborted by the progress callback");

@@ -108,10 +108,19 @@ void CudaBackend::set_cuda_graphs(bool on) {
     if (!on) graphs_.clear();
 }
 
+void CudaBackend::set_batch_invariant(bool on) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (on && hooks_ != nullptr)
+        fail(DBRX_ERR_UNSUPPORTED, "batch-invariant mode is not available for a sharded (tp/ep) CUDA model");
+    invariant_ = on;
+    graphs_.clear();  // graphs captured the other kernels
+}
+
 bool CudaBackend::graph_capturable(int32_t n_tokens) const {
     if (n_tokens <= 0 || n_tokens > kGraphMaxTokens) return false;
     // Ranks of a sharded model (hooks_) run eagerly: their collectives are not proven under capture.
     if (hooks_ != nullptr) return false;
+    if (invariant_) return true;  // GEMV groups only: no host round trip
     // The cuBLAS MoE path reads expert offsets back to the host, which a capture cannot hold.
     switch (moe_path_) {
         case MoePath::Auto: return moe_.capturable(n_tokens);
@@ -123,7 +132,7 @@ bool CudaBackend::graph_capturable(int32_t n_tokens) const {
 }
 
 bool CudaBackend::use_flash(int64_t chunk_tokens) const {
-    return flash_ && chunk_tokens >= kFlashMinTokens && flash_prefill_supported(model_->config.head_dim);
+    return flash_ && !invariant_ && chunk_tokens >= kFlashMinTokens && flash_prefill_supported(model_->config.head_dim);
 }
 
 int64_t CudaBackend::kv_bytes_per_block(int32_t block_size) const {
@@ -255,8 +264,9 @@ void CudaBackend::device_stage(const CudaKvPool &pool, const Step &st) {
                   stream_.get());
         if (hooks_) hooks_->lm_head(x_.as<bf16_t>(), st.n_out, logits_.as<float>(), blas_.get(), stream_.get());
         else
-            gemm_xwt(blas_.get(), x_.as<bf16_t>(), st.n_out, c.d_model, model_->lm_head.as<bf16_t>(), c.vocab_size,
-                     logits_.as<float>());
+            (invariant_ ? gemm_xwt_invariant : gemm_xwt)(blas_.get(), x_.as<bf16_t>(), st.n_out, c.d_model,
+                                                         model_->lm_head.as<bf16_t>(), c.vocab_size, logits_.as<float>(),
+                                                         0.f);
     }
 }
 
@@ -282,27 +292,32 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
     const int32_t *dec_list = st.n_dec == T ? nullptr : m + st.dec;
     const float clip = c.clip_qkv ? *c.clip_qkv : 0.f;
 
+    const auto gemm = invariant_ ? gemm_xwt_invariant : gemm_xwt;
     embed(m + st.ids, model_->wte.as<bf16_t>(), h_.as<float>(), T, d, s);
     for (int32_t l = 0; l < c.n_layers; ++l) {
         const DeviceLayer &L = model_->layers[l];
         const KvLayer kv = pool.layer(l);
         layernorm(h_.as<float>(), nullptr, L.norm_1.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
-        gemm_xwt(blas_.get(), x_.as<bf16_t>(), T, d, L.wqkv.as<bf16_t>(), (H + 2 * c.n_kv_heads) * c.head_dim,
-                 qkv_.as<float>());  // == qkv_rows() unsharded; a rank's heads only when sharded
+        gemm(blas_.get(), x_.as<bf16_t>(), T, d, L.wqkv.as<bf16_t>(), (H + 2 * c.n_kv_heads) * c.head_dim,
+             qkv_.as<float>(), 0.f);  // == qkv_rows() unsharded; a rank's heads only when sharded
         qkv_epilogue(qkv_.as<float>(), T, H, clip, model_->inv_freq.as<float>(), tm, kv, q_.as<float>(), s);
         if (st.n_dec > 0)
             attention(q_.as<float>(), st.n_dec, H, tm, kv, st.attn_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s,
                       dec_list);
         flash_prefill(q_.as<float>(), st.n_tiles, H, m + st.tiles, tm, kv, attn_.as<bf16_t>(), s);
         if (hooks_) hooks_->out_proj(l, attn_.as<bf16_t>(), T, h_.as<float>(), blas_.get(), s);
-        else gemm_xwt(blas_.get(), attn_.as<bf16_t>(), T, d, L.out_proj.as<bf16_t>(), d, h_.as<float>(), 1.f);
+        else gemm(blas_.get(), attn_.as<bf16_t>(), T, d, L.out_proj.as<bf16_t>(), d, h_.as<float>(), 1.f);
         layernorm(h_.as<float>(), nullptr, L.norm_2.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
         MoeWeights mw;
         mw.router = L.router.as<bf16_t>();
         mw.w13 = L.w13.as<bf16_t>();
         mw.w2 = L.w2.as<bf16_t>();
         if (hooks_) hooks_->moe(l, x_.as<bf16_t>(), T, h_.as<float>(), blas_.get(), s);
-        else moe_.forward(x_.as<bf16_t>(), T, mw, h_.as<float>(), blas_.get(), s, moe_path_);
+        else if (!invariant_) moe_.forward(x_.as<bf16_t>(), T, mw, h_.as<float>(), blas_.get(), s, moe_path_);
+        else
+            for (int32_t t0 = 0; t0 < T; t0 += kMoeGemvMaxRows)  // the GEMV path, per group of tokens
+                moe_.forward(x_.as<bf16_t>() + int64_t{t0} * d, std::min(kMoeGemvMaxRows, T - t0), mw,
+                             h_.as<float>() + int64_t{t0} * d, blas_.get(), s, MoePath::Gemv);
     }
 }
 
@@ -325,7 +340,9 @@ std::unique_ptr<Backend> make_cuda_backend(const Checkpoint &ckpt, const Backend
         invalid_argument("CUDA device " + std::to_string(options.device_id) + " does not exist (" + std::to_string(n) +
                          " visible)");
     cuda::set_device(options.device_id);
-    return cuda::make_cuda_backend_from(cuda::upload_model(ckpt, progress, progress_user), options.device_id);
+    auto backend = cuda::make_cuda_backend_from(cuda::upload_model(ckpt, progress, progress_user), options.device_id);
+    backend->set_batch_invariant(options.batch_invariant);
+    return backend;
 }
 
 }  // namespace dbrx

@@ -61,6 +61,12 @@ public:
     }
     // For tests: prefill chunks through the split-K kernel instead of flash attention.
     void set_flash_prefill(bool on) { flash_ = on; }
+    // Batch-invariant mode (dbrx_model_params.batch_invariant): every token through the same kernels
+    // whatever the step holds - GEMMs and the MoE as GEMVs over groups of at most 8 tokens, attention
+    // through the split-K kernel whose splits depend on the token's own context only - so a
+    // sequence's logits are bitwise independent of batch, chunking and preemption.
+    void set_batch_invariant(bool on);
+    bool batch_invariant() const { return invariant_; }
     // CUDA graphs for decode steps: on unless the environment sets DBRX_CUDA_GRAPHS=0. Turning them
     // off drops the cached graphs; the logits are the same either way.
     void set_cuda_graphs(bool on);
@@ -85,6 +91,7 @@ private:
     Moe moe_;
     MoePath moe_path_ = MoePath::Auto;
     bool flash_ = true;
+    bool invariant_ = false;
     bool graphs_on_ = true;
     GraphCache graphs_;
     DeviceBuffer blas_workspace_;  // fixed, so that cuBLAS calls can be captured in graphs
