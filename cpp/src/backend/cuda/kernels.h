@@ -46,8 +46,12 @@ void qkv_epilogue(const float *qkv, int32_t n_tokens, int32_t n_heads, float cli
                   TokenMeta meta, KvLayer kv, float *q_out, cudaStream_t stream);
 
 // Causal paged attention: token t (query heads q[t][H][hd]) attends to positions 0..pos[t] of its
-// sequence. One thread block reads each key once for the H / n_kv query heads sharing it; long
-// contexts are split over `splits` blocks whose partial softmax states are merged afterwards.
+// sequence. One thread block reads each key once for the H / n_kv query heads sharing it (tensor
+// cores for head_dim 16/32/64/128); long contexts are split (flash-decoding) and the splits' partial
+// softmax states merged in a fixed order. Batch invariant: a token's splits depend only on its own
+// context pos[t] + 1, so its output bytes do not depend on the other tokens, n_tokens or max_ctx.
+// attention_splits gives the grid bound for contexts up to max_ctx (it ignores n_tokens and
+// n_kv_heads); a launch may use a larger bound (a bucketed max_ctx) and be replayed in a CUDA graph.
 // tok_list (nullable) restricts the call to n_tokens listed tokens (indices into the step's tokens).
 int32_t attention_splits(int32_t n_tokens, int32_t n_kv_heads, int32_t max_ctx);
 size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t splits);
@@ -100,16 +104,6 @@ void moe_up_gemv(const bf16_t *xp, const bf16_t *w13, const int32_t *offsets, co
 void moe_down_gemv(const bf16_t *g, const bf16_t *w2, const int32_t *offsets, const int32_t *active,
                    int32_t max_active, int32_t max_rows, int32_t n_rows, int32_t d, int32_t ffn, float *y,
                    cudaStream_t stream);
-
-// A few rows per expert as streaming tensor-core GEMVs (moe_stream.cu), device-routed: weights
-// from HBM straight into registers, token rows as the mma's 8-wide N side. Both projections:
-// g as in moe_up_grouped, then y[p][row] (fp32, part stride n_rows * d) for the
-// kMoeStreamDownSplits K splits that moe_unpermute sums. Shapes: d % 256 == 0, ffn % 64 == 0.
-constexpr int32_t kMoeStreamDownSplits = 4;
-bool moe_stream_supported(int32_t d, int32_t ffn);
-void moe_experts_stream(const bf16_t *xp, const bf16_t *w13, const bf16_t *w2, const int32_t *offsets,
-                        const int32_t *active, int32_t max_active, int32_t max_rows, int32_t n_rows, int32_t d,
-                        int32_t ffn, bf16_t *g, float *y, cudaStream_t stream);
 
 // Mid-batch experts as grouped tensor-core GEMMs driven by the same device-side routing (no host
 // round trip, so capturable in a CUDA graph). Each block owns an (active expert, N tile) and walks
