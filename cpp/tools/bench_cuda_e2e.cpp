@@ -1,6 +1,7 @@
 // End-to-end figures of `dbrx bench --synthetic dbrx`: decode steps and a prefill through the CUDA
 // backend (Backend::forward, logits copied to the host) on a synthetic full-width model. Decode steps
-// run as CUDA graphs (captured during the warm-up, so capture is not timed) and again without them.
+// run as CUDA graphs (captured during the warm-up, so capture is not timed), then the device stage
+// alone (CudaBackend::compute_logits: no logits copy to the host), then without graphs.
 #ifdef DBRX_WITH_CUDA
 
 #include <cmath>
@@ -47,9 +48,10 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
     const ModelConfig &cfg = be->model().config;
     std::printf("weights: %.2f GiB of device memory\n", be->model().bytes / double(1 << 30));
     const int32_t bs = 16, ctx0 = 1024, steps = quick ? 5 : 20, max_batch = 64, warmup = 3;
-    // Room for the warm-up and timed steps with graphs, then the same without.
-    const int32_t per_seq = (ctx0 + 2 * (warmup + steps) + bs - 1) / bs + 1;
+    // Room for the warm-up and timed steps of the three decode rows of each batch size.
+    const int32_t per_seq = (ctx0 + 3 * (warmup + steps) + bs - 1) / bs + 1;
     auto pool = be->create_kv_pool(per_seq * max_batch, bs);
+    auto &cuda_pool = dynamic_cast<CudaKvPool &>(*pool);
     std::mt19937 rng(3);
     std::uniform_int_distribution<int32_t> tok(0, cfg.vocab_size - 1);
     std::vector<float> logits(static_cast<size_t>(max_batch) * cfg.vocab_size);
@@ -85,37 +87,45 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
             be->forward(*pool, std::span<const SeqStep>(pre.data() + b, std::min(8, B - b)), logits.data());
         std::vector<int32_t> next(B);
         int32_t pos = ctx0;
+        enum class Mode { Graphs, DeviceStage, NoGraphs };
+        Mode mode = Mode::Graphs;
         auto step = [&] {
             std::vector<SeqStep> dec(B);
             for (int32_t b = 0; b < B; ++b) {
                 next[b] = tok(rng);
                 dec[b] = SeqStep{std::span<const int32_t>(&next[b], 1), pos, tables[b], true};
             }
-            be->forward(*pool, dec, logits.data());
+            if (mode == Mode::DeviceStage) {  // single-threaded here, so no lock is needed around it
+                be->compute_logits(cuda_pool, dec);
+                DBRX_CUDA_CHECK(cudaStreamSynchronize(s));
+            } else {
+                be->forward(*pool, dec, logits.data());
+            }
             ++pos;
         };
         // Experts a batch touches per layer: all 4 at B=1, the expected distinct count above.
         const double experts = cfg.n_experts * (1 - std::pow(1.0 - double(cfg.top_k) / cfg.n_experts, B));
         const double bytes = decode_bytes(cfg, experts, B, ctx0 + warmup + steps / 2.0);
         double graph_ms = 0;
-        for (bool graphs : {true, false}) {
-            be->set_cuda_graphs(graphs);
+        for (Mode m : {Mode::Graphs, Mode::DeviceStage, Mode::NoGraphs}) {
+            mode = m;
+            be->set_cuda_graphs(m != Mode::NoGraphs);
             const GraphStats before = be->graph_stats();
             const double ms = time_ms(s, warmup, steps, step);
             const int64_t replays = be->graph_stats().replays - before.replays;
-            if (graphs) graph_ms = ms;
-            char name[80], extra[96];
+            if (m == Mode::Graphs) graph_ms = ms;
+            char name[96], extra[96];
             std::snprintf(name, sizeof name, "decode step B=%d ctx=%d, %d layers%s", B, ctx0, layers,
-                          graphs ? "" : ", no graphs");
-            if (graphs)
+                          m == Mode::Graphs ? "" : m == Mode::DeviceStage ? ", device stage" : ", no graphs");
+            if (m == Mode::NoGraphs)
+                std::snprintf(extra, sizeof extra, "%.2f TB/s, %.2fx the graph step", bytes / (ms * 1e-3) / 1e12,
+                              ms / graph_ms);
+            else
                 std::snprintf(extra, sizeof extra, "%.2f TB/s, %.0f tok/s, %lld of %d steps graphs",
                               bytes / (ms * 1e-3) / 1e12, B / (ms * 1e-3), static_cast<long long>(replays),
                               warmup + steps);
-            else
-                std::snprintf(extra, sizeof extra, "%.2f TB/s, %.2fx the graph step", bytes / (ms * 1e-3) / 1e12,
-                              ms / graph_ms);
             rows.push_back({name, ms, floor_ms(bytes, 0, c), bytes_flops_basis(bytes, 0, c), extra});
-            std::printf("%-56s %.4f ms  (%s)\n", name, ms, extra);
+            std::printf("%-60s %.4f ms  (%s)\n", name, ms, extra);
             std::fflush(stdout);
         }
         be->set_cuda_graphs(true);
