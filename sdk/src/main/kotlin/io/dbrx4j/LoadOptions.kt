@@ -20,6 +20,14 @@ class LoadOptions private constructor(b: Builder) {
     val threads: Int = b.threads
     val tensorParallel: Int = b.tensorParallel
     val expertParallel: Int = b.expertParallel
+    /** This process's GPUs, one rank each, in rank order; empty = consecutive GPUs from [deviceId]. */
+    val devices: List<Int> = b.devices
+    /** Process 0's "host:port" for several processes; null = MASTER_ADDR / MASTER_PORT. */
+    val rendezvous: String? = b.rendezvous
+    /** Processes (one per host); null = the launcher's (WORLD_SIZE, SLURM_NTASKS, ...), else 1. */
+    val nodes: Int? = b.nodes
+    /** This process's index; null = the launcher's (RANK, SLURM_PROCID, ...), else 0. */
+    val nodeRank: Int? = b.nodeRank
     val kvCacheBytes: Long = b.kvCacheBytes
     val kvCacheFraction: Float? = b.kvCacheFraction
     val kvBlocks: Int = b.kvBlocks
@@ -40,6 +48,10 @@ class LoadOptions private constructor(b: Builder) {
         internal var threads = from?.threads ?: 0
         internal var tensorParallel = from?.tensorParallel ?: 1
         internal var expertParallel = from?.expertParallel ?: 1
+        internal var devices: List<Int> = from?.devices ?: emptyList()
+        internal var rendezvous: String? = from?.rendezvous
+        internal var nodes: Int? = from?.nodes
+        internal var nodeRank: Int? = from?.nodeRank
         internal var kvCacheBytes = from?.kvCacheBytes ?: 0L
         internal var kvCacheFraction: Float? = from?.kvCacheFraction
         internal var kvBlocks = from?.kvBlocks ?: 0
@@ -59,6 +71,19 @@ class LoadOptions private constructor(b: Builder) {
         fun threads(n: Int) = apply { threads = n }
         fun tensorParallel(ranks: Int) = apply { tensorParallel = ranks }
         fun expertParallel(ranks: Int) = apply { expertParallel = ranks }
+        /**
+         * Multi-GPU (CUDA): this process's GPUs, one tensor/expert-parallel rank each, in rank order;
+         * tensorParallel * expertParallel must equal nodes * devices. Empty (default) = consecutive GPUs
+         * from [deviceId]. The native loader checks them (distinct, non-negative, at most 16).
+         */
+        fun devices(ids: List<Int>) = apply { devices = ids.toList() }
+        fun devices(vararg ids: Int) = apply { devices = ids.toList() }
+        /** Several processes (one per host): process 0's address, "host:port" ("[::1]:port" for IPv6). */
+        fun rendezvous(address: String?) = apply { rendezvous = address }
+        /** Number of processes; null (default) = from the launcher's environment, else 1. */
+        fun nodes(count: Int?) = apply { nodes = count }
+        /** This process's index in [0, nodes); null (default) = from the launcher's environment, else 0. */
+        fun nodeRank(rank: Int?) = apply { nodeRank = rank }
         /** KV-cache pool size in bytes (0 = from [kvCacheFraction]). */
         fun kvCacheBytes(bytes: Long) = apply { kvCacheBytes = bytes }
         /** Share of free device memory (CUDA) or of 2 GiB (CPU) for the KV cache. */

@@ -13,6 +13,7 @@ import io.dbrx4j.runtime.dbrx_progress_fn
 import io.dbrx4j.runtime.dbrx_sampling_params
 import io.dbrx4j.runtime.dbrx_token
 import io.dbrx4j.runtime.global.dbrx
+import org.bytedeco.javacpp.BytePointer
 import org.bytedeco.javacpp.Pointer
 import java.nio.file.Path
 import java.util.concurrent.atomic.AtomicBoolean
@@ -145,9 +146,21 @@ internal class NativeEngine private constructor(
                     mp.n_threads(options.threads)
                     mp.tensor_parallel(options.tensorParallel)
                     mp.expert_parallel(options.expertParallel)
+                    // Past DBRX_MAX_DEVICES only the count is passed: the native loader names the limit.
+                    mp.n_devices(options.devices.size)
+                    options.devices.take(dbrx.DBRX_MAX_DEVICES).forEachIndexed { i, d -> mp.devices(i, d) }
+                    mp.n_nodes(options.nodes ?: -1)
+                    mp.node_rank(options.nodeRank ?: -1)
                     if (callback != null) mp.progress(callback)
                     val model = dbrx_model()
-                    val status = dbrx.dbrx_model_load(dir.toString(), mp, model)
+                    // Kept alive until dbrx_model_load returns (it copies the address).
+                    val rendezvous = options.rendezvous?.let { BytePointer(it) }
+                    val status = try {
+                        if (rendezvous != null) mp.rendezvous(rendezvous)
+                        dbrx.dbrx_model_load(dir.toString(), mp, model)
+                    } finally {
+                        rendezvous?.close()
+                    }
                     callback?.error?.let { throw it }
                     Native.check(status, "loading $dir")
                     return model
