@@ -130,6 +130,16 @@ public:
         }
     }
 
+    // Each rank's CUDA objects (cuBLAS handle, stream, buffers) are released with its GPU current.
+    ~ShardedCuda() override {
+        for (Rank &r : ranks_) {
+            cudaSetDevice(r.device);
+            r.hooks.reset();
+            r.reduce.reset();
+            r.backend.reset();
+        }
+    }
+
     std::string name() const override {
         return "cuda-sharded(tp " + num(plan_.tp) + ", ep " + num(plan_.ep) + ", " +
                (options_.transport == CudaTransport::Nccl ? "nccl" : "host") + ")";
