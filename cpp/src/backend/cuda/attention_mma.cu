@@ -5,6 +5,7 @@
 // as the rows (padded to 16), an online softmax in log2 units per warp, and the warps' states are
 // merged in a fixed order at the end. Tokens with one split write their output directly; longer
 // contexts leave a partial state per split for the merge kernel (attention.cu).
+#include <algorithm>
 #include <atomic>
 
 #include "backend/cuda/attention_common.cuh"
@@ -77,10 +78,10 @@ __device__ __forceinline__ float quad_sum(float v) {
 template <int HD>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     decode_mma_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float qscale,
-                      float *scratch, uint16_t *out, const int32_t *tok_list) {
+                      float *scratch, uint16_t *out, const int32_t *tok_list, int32_t slot0) {
     using S = Smem<HD, kStages>;
     extern __shared__ __align__(16) uint16_t smem[];
-    const int32_t kvh = blockIdx.x, split = blockIdx.y, slot = blockIdx.z;
+    const int32_t kvh = blockIdx.x, split = blockIdx.y, slot = slot0 + static_cast<int32_t>(blockIdx.z);
     const int32_t t = tok_list ? tok_list[slot] : slot;
     const int32_t ctx = meta.pos[t] + 1;
     int32_t begin, end;
@@ -275,10 +276,15 @@ template <int HD> void launch(const attn::Launch &a, int32_t n_tokens, cudaStrea
         raised.fetch_or(bit, std::memory_order_acq_rel);
     }
     const float qscale = attn::kLog2e / sqrtf(static_cast<float>(HD));
-    const dim3 grid(a.kv.n_kv_heads, a.splits, n_tokens);
-    decode_mma_kernel<HD><<<grid, kWarps * 32, kBytes, stream>>>(a.q, a.n_heads, a.meta, a.kv, a.splits, qscale,
-                                                                  a.scratch, a.out, a.tok_list);
-    DBRX_CUDA_LAUNCH_CHECK();
+    // Grid z is limited to 65535: larger launches go in slices of tokens (the same kernel, so a
+    // token's bytes still do not depend on the launch size).
+    constexpr int32_t kMaxZ = 65535;
+    for (int32_t slot0 = 0; slot0 < n_tokens; slot0 += kMaxZ) {
+        const dim3 grid(a.kv.n_kv_heads, a.splits, std::min(kMaxZ, n_tokens - slot0));
+        decode_mma_kernel<HD><<<grid, kWarps * 32, kBytes, stream>>>(a.q, a.n_heads, a.meta, a.kv, a.splits, qscale,
+                                                                      a.scratch, a.out, a.tok_list, slot0);
+        DBRX_CUDA_LAUNCH_CHECK();
+    }
 }
 
 }  // namespace
@@ -288,10 +294,10 @@ namespace attn {
 bool launch_mma(const Launch &a, int32_t n_tokens, cudaStream_t stream) {
     const KvLayer &kv = a.kv;
     const int32_t G = a.n_heads / kv.n_kv_heads;
-    // 16-byte cp.async needs every key row 16-byte aligned; grid y and z are limited to 65535.
+    // 16-byte cp.async needs every key row 16-byte aligned; grid y (the splits) is limited to 65535.
     const bool aligned = reinterpret_cast<uintptr_t>(kv.base) % 16 == 0 && kv.block_stride % 8 == 0 &&
                          kv.v_offset % 8 == 0;
-    if (G < 1 || G > 16 || !aligned || n_tokens > 65535 || a.splits > 65535) return false;
+    if (G < 1 || G > 16 || !aligned || a.splits > 65535) return false;
     switch (kv.head_dim) {
     case 16: launch<16>(a, n_tokens, stream); return true;
     case 32: launch<32>(a, n_tokens, stream); return true;
