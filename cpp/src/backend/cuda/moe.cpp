@@ -16,9 +16,6 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
     if (path == MoePath::Gemv && T > kMoeGemvMaxRows)
         invalid_argument("MoE GEMV path takes at most " + std::to_string(kMoeGemvMaxRows) + " tokens, got " +
                          std::to_string(T));
-    if (path == MoePath::Stream && !moe_stream_supported(d, F))
-        invalid_argument("MoE streaming path needs d_model % 256 == 0 and ffn % 64 == 0, got d_model " +
-                         std::to_string(d) + ", ffn " + std::to_string(F));
     if (path == MoePath::Grouped && !moe_grouped_supported(d, F))
         invalid_argument("MoE grouped path needs d_model % 128 == 0 and ffn % 64 == 0, got d_model " +
                          std::to_string(d) + ", ffn " + std::to_string(F));
@@ -48,14 +45,6 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
                       static_cast<int32_t>(rows), d, F, y_.as<float>(), stream);
         moe_unpermute(y_.as<float>(), kMoeDownSplits, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T, k,
                       d, h, stream);
-        return;
-    }
-    if (path == MoePath::Stream) {
-        y_.reserve(sizeof(float) * kMoeStreamDownSplits * rows * d, "expert outputs");
-        moe_experts_stream(xp_.as<bf16_t>(), w.w13, w.w2, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active,
-                           T, static_cast<int32_t>(rows), d, F, g_.as<bf16_t>(), y_.as<float>(), stream);
-        moe_unpermute(y_.as<float>(), kMoeStreamDownSplits, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T,
-                      k, d, h, stream);
         return;
     }
     if (path == MoePath::Grouped) {
@@ -100,10 +89,8 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
 }
 
 MoePath Moe::resolve(int32_t T) const {
-    const int32_t d = s_.d_model, F = s_.ffn;
     if (T <= kMoeAutoGemvMaxTokens) return MoePath::Gemv;
-    if (T <= kMoeAutoStreamMaxTokens && moe_stream_supported(d, F)) return MoePath::Stream;
-    if (T <= kMoeAutoGroupedMaxTokens && moe_grouped_supported(d, F)) return MoePath::Grouped;
+    if (T <= kMoeAutoGroupedMaxTokens && moe_grouped_supported(s_.d_model, s_.ffn)) return MoePath::Grouped;
     if (T <= kMoeGemvMaxRows) return MoePath::Gemv;
     return MoePath::Gemm;
 }

@@ -28,17 +28,16 @@ struct MoeWeights {
 enum class MoePath {
     Auto,     // the fastest for the token count (Moe::resolve)
     Gemv,     // device-routed GEMV kernels (T <= kMoeGemvMaxRows); no host round trip
-    Stream,   // device-routed streaming tensor-core GEMVs (moe_stream_supported shapes); no host round trip
     Grouped,  // device-routed grouped tensor-core GEMMs (moe_grouped_supported shapes); no host round trip
     Gemm,     // cuBLAS per expert; reads the expert offsets back to the host once per layer
 };
 
-// Auto's token-count ranges (measured on the H200 at the DBRX shape; see test_cuda_moe.cpp).
-constexpr int32_t kMoeAutoGemvMaxTokens = 8;
-constexpr int32_t kMoeAutoStreamMaxTokens = 128;
-constexpr int32_t kMoeAutoGroupedMaxTokens = 1024;
-static_assert(kMoeAutoGemvMaxTokens <= kMoeGemvMaxRows && kMoeAutoGemvMaxTokens <= kMoeAutoStreamMaxTokens &&
-              kMoeAutoStreamMaxTokens <= kMoeAutoGroupedMaxTokens);
+// Auto's token-count ranges, measured on the H200 at the DBRX shape (CudaMoe.GroupedMatchesCublas-
+// AcrossTokenCounts): GEMV 0.40 ms at T=1; grouped 1.06 / 1.41 / 1.57 / 1.68 ms at T=4 / 8 / 16 / 64
+// (GEMV 1.08 / 1.79, cuBLAS 1.25 / 1.68 / 2.21 / 1.83); cuBLAS from T=128 (1.90 ms, grouped 2.17).
+constexpr int32_t kMoeAutoGemvMaxTokens = 3;
+constexpr int32_t kMoeAutoGroupedMaxTokens = 64;
+static_assert(kMoeAutoGemvMaxTokens <= kMoeGemvMaxRows && kMoeAutoGemvMaxTokens <= kMoeAutoGroupedMaxTokens);
 
 class Moe {
 public:
@@ -51,8 +50,9 @@ public:
     const float *weights() const { return weights_.as<float>(); }
     int32_t active_experts(cudaStream_t stream);
     const MoeShape &shape() const { return s_; }
-    // The path Auto takes for n_tokens: GEMV, then streaming GEMVs, then grouped GEMMs up to the
-    // kMoeAuto*MaxTokens bounds where the shape allows them, cuBLAS above (or where none fits).
+    // The path Auto takes for n_tokens: GEMV, then grouped GEMMs up to the kMoeAuto*MaxTokens
+    // bounds where the shape allows them, cuBLAS above (GEMV up to kMoeGemvMaxRows where grouped
+    // does not fit the shape).
     MoePath resolve(int32_t n_tokens) const;
     // True when forward's Auto path for n_tokens needs no host synchronisation (CUDA-graph capture).
     bool capturable(int32_t n_tokens) const { return resolve(n_tokens) != MoePath::Gemm; }
