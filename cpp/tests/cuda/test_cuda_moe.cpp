@@ -18,7 +18,6 @@ namespace {
 const char *path_name(MoePath p) {
     switch (p) {
     case MoePath::Gemv: return "gemv";
-    case MoePath::Stream: return "stream";
     case MoePath::Grouped: return "grouped";
     case MoePath::Gemm: return "gemm";
     default: return "auto";
@@ -125,15 +124,12 @@ TEST(CudaMoe, DbrxShape) {
     c.check(24, MoePath::Gemm, 35);
     // Grouped GEMMs: 64-, 128- and 256-row passes (the tiny shape below covers several passes).
     for (int32_t T : {9, 16, 64, 200}) c.check(T, MoePath::Grouped, 36 + T);
-    // Streaming GEMVs: 8, 16 and 32 tokens per pass (several passes at 64 and 100).
-    for (int32_t T : {1, 8, 12, 40, 100}) c.check(T, MoePath::Stream, 236 + T);
 }
 
 TEST(CudaMoe, AutoPathIsCapturableUpToTheCublasCrossover) {
     Moe dbrx(shape(6144, 10752, 16, 4));
     for (int32_t T = 1; T <= 4096; ++T) {
         const MoePath want = T <= kMoeAutoGemvMaxTokens     ? MoePath::Gemv
-                             : T <= kMoeAutoStreamMaxTokens  ? MoePath::Stream
                              : T <= kMoeAutoGroupedMaxTokens ? MoePath::Grouped
                                                              : MoePath::Gemm;
         ASSERT_EQ(dbrx.resolve(T), want) << "T=" << T;
@@ -153,7 +149,6 @@ TEST(CudaMoe, TinyFixtureShape) {
     for (int32_t T : {1, 37, 130}) c.check(T, MoePath::Gemm, 50 + T);
     // T = 1: two of the four experts get no rows; 300: an expert may exceed one 256-row pass.
     for (int32_t T : {1, 2, 9, 37, 130, 300, 700}) c.check(T, MoePath::Grouped, 80 + T);
-    for (int32_t T : {1, 5, 16, 37, 130}) c.check(T, MoePath::Stream, 180 + T);
     c.check(20, MoePath::Auto, 99);
 }
 
@@ -163,11 +158,10 @@ TEST(CudaMoe, Cl100kFixtureShape) {
     for (int32_t T : {9, 70}) c.check(T, MoePath::Gemm, 70 + T);
     c.check(33, MoePath::Auto, 75);  // d 32 is off the grouped tile: Auto takes cuBLAS
     EXPECT_THROW(c.check(9, MoePath::Grouped, 76), Error);
-    EXPECT_THROW(c.check(9, MoePath::Stream, 77), Error);
 }
 
-// The device-routed paths against cuBLAS per expert on the same routing at DBRX width, from the
-// decode sizes up to prefill chunks, all timed: the figures behind Auto's kMoeAuto*MaxTokens.
+// The grouped kernels against cuBLAS per expert on the same routing at DBRX width, from the decode
+// sizes up to prefill chunks, all paths timed: the figures behind Auto's kMoeAuto*MaxTokens.
 TEST(CudaMoe, GroupedMatchesCublasAcrossTokenCounts) {
     const int64_t d = 6144, F = 10752, E = 16;
     const MoeShape s = shape(static_cast<int32_t>(d), static_cast<int32_t>(F), static_cast<int32_t>(E), 4);
@@ -203,20 +197,13 @@ TEST(CudaMoe, GroupedMatchesCublasAcrossTokenCounts) {
     for (int32_t T : {1, 4, 8, 16, 32, 64, 128, 200, 512, 1024, 2048, 4096}) {
         const int iters = T <= 512 ? 10 : 3;
         const auto [ms_c, ref] = run(T, MoePath::Gemm, iters);
-        const auto [ms_g, got_g] = run(T, MoePath::Grouped, iters);
-        double ms_s = 0, err_s = 0, ms_v = 0;
-        if (T <= 512) {
-            const auto [ms, got] = run(T, MoePath::Stream, iters);
-            ms_s = ms;
-            err_s = rel_max_err(got, ref);
-        }
-        if (T <= kMoeGemvMaxRows) ms_v = run(T, MoePath::Gemv, iters).first;
-        const double err_g = rel_max_err(got_g, ref);
-        std::printf("moe T=%d: cublas %.3f ms, grouped %.3f ms, stream %.3f ms, gemv %.3f ms, auto=%s; "
-                    "max rel err vs cublas: grouped %.2e, stream %.2e\n",
-                    T, ms_c, ms_g, ms_s, ms_v, path_name(moe.resolve(T)), err_g, err_s);
-        EXPECT_LT(err_g, 1e-2) << "T=" << T;
-        EXPECT_LT(err_s, 1e-2) << "T=" << T;
+        const auto [ms_g, got] = run(T, MoePath::Grouped, iters);
+        const double ms_v = T <= kMoeGemvMaxRows ? run(T, MoePath::Gemv, iters).first : 0.0;
+        const double err = rel_max_err(got, ref);
+        std::printf("moe T=%d: cublas %.3f ms, grouped %.3f ms, gemv %.3f ms, auto=%s; grouped vs cublas max rel "
+                    "err %.2e\n",
+                    T, ms_c, ms_g, ms_v, path_name(moe.resolve(T)), err);
+        EXPECT_LT(err, 1e-2) << "T=" << T;
     }
     DBRX_CUDA_CHECK(cudaEventDestroy(t0));
     DBRX_CUDA_CHECK(cudaEventDestroy(t1));
