@@ -122,7 +122,8 @@ TEST(CudaMoe, DbrxShape) {
     c.check(8, MoePath::Gemv, 33);
     c.check(4, MoePath::Gemm, 34);
     c.check(24, MoePath::Gemm, 35);
-    // Grouped GEMMs: 64-, 128- and 256-row passes (the tiny shape below covers several passes).
+    // Grouped GEMMs in 64-row passes (T <= 64) and 256-row passes (T = 200); the 128-row variant
+    // runs against cuBLAS at T = 128 below, several passes at the tiny shape.
     for (int32_t T : {9, 16, 64, 200}) c.check(T, MoePath::Grouped, 36 + T);
 }
 
@@ -147,8 +148,9 @@ TEST(CudaMoe, TinyFixtureShape) {
     MoeCase c(shape(256, 192, 4, 2));
     for (int32_t T : {1, 3, 8}) c.check(T, MoePath::Gemv, 40 + T);
     for (int32_t T : {1, 37, 130}) c.check(T, MoePath::Gemm, 50 + T);
-    // T = 1: two of the four experts get no rows; 300: an expert may exceed one 256-row pass.
-    for (int32_t T : {1, 2, 9, 37, 130, 300, 700}) c.check(T, MoePath::Grouped, 80 + T);
+    // T = 1: two of the four experts get no rows; 100: 128-row passes; 700: experts of about 350
+    // rows take two 256-row passes.
+    for (int32_t T : {1, 2, 9, 37, 100, 130, 300, 700}) c.check(T, MoePath::Grouped, 80 + T);
     c.check(20, MoePath::Auto, 99);
 }
 
