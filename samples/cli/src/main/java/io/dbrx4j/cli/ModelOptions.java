@@ -21,6 +21,21 @@ final class ModelOptions {
     @Option(names = "--tp", defaultValue = "1", description = "tensor-parallel ranks")
     int tensorParallel;
 
+    @Option(names = "--ep", defaultValue = "1", description = "expert-parallel ranks")
+    int expertParallel;
+
+    @Option(names = "--devices", split = ",", description = "this process's GPUs, one rank each (e.g. 0,1)")
+    java.util.List<Integer> devices;
+
+    @Option(names = "--rendezvous", description = "several processes: process 0's host:port (default MASTER_ADDR/MASTER_PORT)")
+    String rendezvous;
+
+    @Option(names = "--nodes", description = "processes, one per host (default: the launcher's WORLD_SIZE, SLURM_NTASKS, ...)")
+    Integer nodes;
+
+    @Option(names = "--node-rank", description = "this process's index (default: the launcher's RANK, SLURM_PROCID, ...)")
+    Integer nodeRank;
+
     @Option(names = "--threads", defaultValue = "0", description = "CPU worker threads (0 = all cores)")
     int threads;
 
@@ -38,9 +53,14 @@ final class ModelOptions {
             .device(Device.valueOf(device.toUpperCase(java.util.Locale.ROOT)))
             .deviceId(deviceId)
             .tensorParallel(tensorParallel)
+            .expertParallel(expertParallel)
+            .rendezvous(rendezvous)
+            .nodes(nodes)
+            .nodeRank(nodeRank)
             .threads(threads)
             .kvCacheBytes(kvCacheBytes);
         if (maxBatchTokens != null) b.maxBatchTokens(maxBatchTokens);
+        if (devices != null) b.devices(devices);
         ProgressBar bar = quiet ? null : new ProgressBar("loading " + model.getFileName(), System.err);
         if (bar != null) b.onProgress(bar::update);
         try {
