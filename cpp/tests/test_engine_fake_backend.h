@@ -99,6 +99,7 @@ public:
             for (const SeqStep &s : batch) shape.emplace_back(s.pos0, static_cast<int32_t>(s.tokens.size()));
             batch_log.push_back(std::move(shape));
         }
+        for (const SeqStep &s : batch) rows_forwarded.fetch_add(s.want_logits ? 1 : 0);
         size_t row = 0;
         for (const SeqStep &s : batch) {
             for (size_t i = 0; i < s.tokens.size(); ++i) {
@@ -141,7 +142,7 @@ public:
     }
 
     bool summaries = false;  // set before creating an engine
-    std::atomic<int64_t> rows_summarized{0}, rows_fetched{0};
+    std::atomic<int64_t> rows_summarized{0}, rows_fetched{0}, rows_forwarded{0};  // forwarded: every output row
     std::atomic<int64_t> forwards{0};
     std::optional<int32_t> fail_token;  // set before submitting
     std::optional<int32_t> fatal_token; // throws ENGINE_DEAD

@@ -105,7 +105,8 @@ TEST(EngineSummary, SummarisingBackendGivesIdenticalOutputs) {
             s.seed += static_cast<uint64_t>(i);
             sampling.push_back(s);
         }
-        const int64_t summarized_before = summary_backend->rows_summarized, fetched_before = summary_backend->rows_fetched;
+        const int64_t summarized_before = summary_backend->rows_summarized, fetched_before = summary_backend->rows_fetched,
+                      forwarded_before = summary_backend->rows_forwarded;
         auto want = run_together(a.get(), prompts, sampling, kVocab);
         auto got = run_together(b.get(), prompts, sampling, kVocab);
         for (size_t i = 0; i < prompts.size(); ++i) {
@@ -113,16 +114,22 @@ TEST(EngineSummary, SummarisingBackendGivesIdenticalOutputs) {
             EXPECT_EQ(want[i].finish, DBRX_FINISH_LENGTH);
             expect_identical(want[i], got[i]);
         }
-        const int64_t rows = summary_backend->rows_summarized - summarized_before;
+        const int64_t rows = summary_backend->rows_forwarded - forwarded_before;
+        const int64_t summarized = summary_backend->rows_summarized - summarized_before;
         const int64_t fetched = summary_backend->rows_fetched - fetched_before;
-        std::printf("%-30s %3lld of %3lld rows fetched\n", kind.name, static_cast<long long>(fetched),
-                    static_cast<long long>(rows));
+        std::printf("%-30s %3lld rows: %3lld summarised, %3lld of them fetched\n", kind.name, static_cast<long long>(rows),
+                    static_cast<long long>(summarized), static_cast<long long>(fetched));
         EXPECT_EQ(rows, 6 * 16);
-        const int64_t first_rows = kind.params.keep_prompt_logits ? 6 : 0;
-        if (kind.provable) EXPECT_EQ(fetched, first_rows);
-        if (kind.params.repetition_penalty != 1.0f || (kind.params.top_p == 1.0f && kind.params.top_k == 0 &&
-                                                       kind.params.min_p == 0.0f && kind.params.temperature > 0))
-            EXPECT_EQ(fetched, rows);
+        if (kind.provable) {
+            // Only the first row of a keep_prompt_logits request needs its full logits: fetched, or
+            // the whole step goes through forward() when such rows are the majority.
+            const int64_t first_rows = kind.params.keep_prompt_logits ? 6 : 0;
+            EXPECT_LE(fetched, first_rows);
+            EXPECT_GE(summarized, rows - first_rows);
+        }
+        const bool whole_vocabulary = kind.params.top_p == 1.0f && kind.params.top_k == 0 && kind.params.min_p == 0.0f &&
+                                      kind.params.temperature > 0;
+        if (kind.params.repetition_penalty != 1.0f || whole_vocabulary) EXPECT_EQ(summarized, 0) << "full rows in one copy";
     }
     EXPECT_EQ(plain_backend->rows_summarized + plain_backend->rows_fetched, 0);
 }

@@ -9,6 +9,7 @@ namespace dbrx {
 
 namespace {
 constexpr auto kRateWindow = std::chrono::seconds(5);
+constexpr size_t kSummaryRetry = 16;
 }
 
 Engine::Engine(Backend &backend, EngineOptions options)
@@ -282,10 +283,21 @@ bool Engine::step(std::unique_lock<std::mutex> &lock) {
 void Engine::forward_and_sample(const std::vector<ScheduledSeq> &batch, std::span<const SeqStep> steps, size_t rows) {
     const size_t n_vocab = static_cast<size_t>(options_.n_vocab);
     needs_.clear();
-    for (const auto &s : batch)
-        if (s.want_logits()) needs_.push_back(logits_need(s.request->sampling));
+    size_t full_rows = 0;  // rows that will need their full logits whatever the summary says
+    for (const auto &s : batch) {
+        if (!s.want_logits()) continue;
+        const Request &r = *s.request;
+        needs_.push_back(logits_need(r.sampling));
+        // A request whose last summary could not prove its token likely fails again; retried every
+        // kSummaryRetry tokens since its distribution may have narrowed.
+        const bool expect_miss = r.summary_missed && r.generated().size() % kSummaryRetry != 0;
+        full_rows += needs_.back().top_n == 0 || (r.sampling.keep_prompt_logits && r.output.empty()) || expect_miss;
+    }
     summaries_.resize(rows);
-    const bool summarized = rows > 0 && backend_.forward_summarized(*pool_, steps, needs_, summaries_);
+    // Each row fetched after a summarised step is a copy of its own; past half the batch, one copy
+    // of every row (forward()) costs less.
+    const bool summarized =
+        rows > 0 && 2 * full_rows <= rows && backend_.forward_summarized(*pool_, steps, needs_, summaries_);
     if (!summarized) {
         logits_.resize(rows * n_vocab);
         backend_.forward(*pool_, steps, logits_.data());
@@ -294,7 +306,7 @@ void Engine::forward_and_sample(const std::vector<ScheduledSeq> &batch, std::spa
     size_t row = 0;
     for (const auto &s : batch) {
         if (!s.want_logits()) continue;
-        const Request &r = *s.request;
+        Request &r = *s.request;
         Sampled &out = sampled_[row];
         out.error.clear();
         out.prompt_logits.clear();
@@ -304,6 +316,7 @@ void Engine::forward_and_sample(const std::vector<ScheduledSeq> &batch, std::spa
             if (!keep_row) {
                 const std::optional<dbrx_token> token =
                     sampler_.sample_summary(summaries_[row], options_.n_vocab, r.sampling, r.seed, r.generated().size());
+                r.summary_missed = !token;
                 if (token) {
                     out.token = *token;
                     ++row;

@@ -26,6 +26,7 @@ struct Request {
     int32_t n_computed = 0;            // tokens whose K/V is in the pool
     int32_t n_registered = 0;          // leading blocks already offered to the prefix cache
     bool admitted = false;             // in the running batch
+    bool summary_missed = false;       // the last summarised step could not sample from its summary
 
     // Shared state (engine mutex).
     std::vector<dbrx_token> output;

@@ -99,6 +99,8 @@ LogitsNeed logits_need(const dbrx_sampling_params &p) {
     LogitsNeed need;
     need.temperature = p.temperature;
     if (has_penalties(p)) return need;  // penalties reorder the row: only the full row will do
+    const bool filtered = (p.top_k > 0 && p.top_k < kMaxLogitsCandidates) || p.top_p < 1 || p.min_p > 0;
+    if (p.temperature > 0 && !filtered) return need;  // a draw over the whole vocabulary
     // Greedy needs the argmax and the reported alternatives; a draw needs every token the filters
     // might keep, so ask for the most (the spare candidates also prove where the top-k set ends).
     need.top_n = p.temperature == 0 ? std::max<int32_t>(1, p.top_logprobs) : kMaxLogitsCandidates;

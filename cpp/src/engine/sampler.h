@@ -23,7 +23,8 @@ void validate_sampling(const dbrx_sampling_params &params, int32_t n_vocab);
 // A uniform double in [0, 1) that depends only on (seed, index).
 double counter_uniform(uint64_t seed, uint64_t index);
 
-// What a summary must hold for sample_summary to have a chance (top_n 0: only the full row will do).
+// What a summary must hold for sample_summary to have a chance. top_n 0: only the full row will do
+// (penalties, or a draw that no filter narrows below the whole vocabulary).
 LogitsNeed logits_need(const dbrx_sampling_params &params);
 
 class Sampler {
