@@ -299,6 +299,10 @@ std::unique_ptr<Backend> make_parallel_cuda_backend(const Checkpoint &ckpt, cons
         if (!devices.empty()) one.device_id = devices[0];
         return make_cuda_backend(ckpt, one, progress, progress_user);
     }
+    if (options.batch_invariant)
+        fail(DBRX_ERR_UNSUPPORTED, "batch_invariant is not available with tensor_parallel * expert_parallel = " +
+                                       num(world) + " on CUDA (the ranks' all-reduces sum in a fixed order, but the "
+                                       "rank kernels are the batch-dependent ones)");
     ShardedCudaOptions sharded;
     sharded.rendezvous = rendezvous;
     sharded.devices = devices;
