@@ -132,13 +132,6 @@ int run_bench_dist(int argc, char **argv) {
         nlohmann::json out = {{"tp", tp}, {"ep", ep}, {"layers", layers}, {"transport", transport},
                               {"read_tb_s", ceil.read_bytes_per_s / 1e12}, {"ranks", nlohmann::json::array()},
                               {"decode", nlohmann::json::array()}};
-        std::printf("\n%-10s %6s %12s %10s %14s\n", "rank", "GPU", "weights GiB", "KV GiB", "other GiB");
-        for (const dist::CudaRankStats &s : be->rank_stats()) {
-            std::printf("%-10d %6d %12.2f %10.2f %14.2f\n", s.rank, s.device, gib(s.weight_bytes), gib(s.kv_bytes),
-                        gib(s.workspace_bytes));
-            out["ranks"].push_back({{"rank", s.rank}, {"device", s.device}, {"weight_bytes", s.weight_bytes},
-                                    {"kv_bytes", s.kv_bytes}, {"other_bytes", s.workspace_bytes}});
-        }
         std::printf("\n%-22s %10s %12s %14s %10s %9s\n", "decode", "step ms", "coll ms/lyr", "coll share", "floor ms",
                     "fraction");
         for (int32_t B : batches) {
@@ -186,6 +179,15 @@ int run_bench_dist(int argc, char **argv) {
                         floor / ms);
             out["decode"].push_back({{"batch", B}, {"ctx", ctx}, {"step_ms", ms}, {"collective_ms_per_layer", coll_layer},
                                      {"floor_ms", floor}, {"fraction", floor / ms}});
+        }
+        // After the runs, so that "other" holds the activations of the largest step too.
+        std::printf("\n%-10s %6s %12s %10s %26s\n", "rank", "GPU", "weights GiB", "KV GiB",
+                    "other GiB (activations, ...)");
+        for (const dist::CudaRankStats &s : be->rank_stats()) {
+            std::printf("%-10d %6d %12.2f %10.2f %26.2f\n", s.rank, s.device, gib(s.weight_bytes), gib(s.kv_bytes),
+                        gib(s.workspace_bytes));
+            out["ranks"].push_back({{"rank", s.rank}, {"device", s.device}, {"weight_bytes", s.weight_bytes},
+                                    {"kv_bytes", s.kv_bytes}, {"other_bytes", s.workspace_bytes}});
         }
         if (!json_path.empty()) {
             std::ofstream f(json_path);
