@@ -339,9 +339,10 @@ std::unique_ptr<ShardedCudaBackend> make_synthetic_sharded_cuda_backend(const Mo
                                                                         const ShardedCudaOptions &, uint64_t) {
     no_cuda();
 }
-std::unique_ptr<Backend> make_parallel_cuda_backend(const Checkpoint &, const BackendOptions &,
+std::unique_ptr<Backend> make_parallel_cuda_backend(const Checkpoint &ckpt, const BackendOptions &options,
                                                     const std::vector<int32_t> &, const RendezvousConfig &,
-                                                    bool (*)(float, void *), void *) {
+                                                    bool (*progress)(float, void *), void *progress_user) {
+    if (int64_t{options.tp} * options.ep == 1) return make_cuda_backend(ckpt, options, progress, progress_user);
     no_cuda();
 }
 
