@@ -15,6 +15,7 @@
 
 #include "backend/cuda/cuda_util.h"
 #include "backend_seq.h"
+#include "dbrx/dbrx.h"
 #include "dist/sharded_cuda_backend.h"
 #include "io/checkpoint.h"
 #include "reference_fixture.h"
@@ -230,6 +231,59 @@ TEST(CudaSharded, NcclTwoGpusMatchOneRank) {
         auto one = make_cuda_backend(*ckpt, BackendOptions{}, nullptr, nullptr);
         expect_same_as_one_gpu(fixture, *sharded, *one);
     }
+}
+
+// Through the C API: tp 2 takes GPUs 0 and 1; with one GPU that is a clear UNSUPPORTED error, with
+// two the greedy continuation of every case equals one GPU's where the reference margin is clear.
+TEST(CudaSharded, CApiTensorParallelTwo) {
+    const int n = visible_gpus();
+    if (n < 1) GTEST_SKIP() << "no CUDA device visible";
+    const std::string dir = std::string(DBRX_SOURCE_DIR) + kFixtures[0];
+    dbrx_model_params mp = dbrx_model_default_params();
+    mp.device = DBRX_DEVICE_CUDA;
+    mp.tensor_parallel = 2;
+    mp.n_nodes = 1;
+    mp.node_rank = 0;
+    dbrx_model *model = nullptr;
+    const dbrx_status st = dbrx_model_load(dir.c_str(), &mp, &model);
+    if (n < 2) {
+        EXPECT_EQ(st, DBRX_ERR_UNSUPPORTED) << dbrx_last_error();
+        EXPECT_NE(std::string(dbrx_last_error()).find("device 1 requested but 1 CUDA device"), std::string::npos)
+            << dbrx_last_error();
+        EXPECT_EQ(model, nullptr);
+        return;
+    }
+    ASSERT_EQ(st, DBRX_OK) << dbrx_last_error();
+    dbrx_model_params one_p = dbrx_model_default_params();
+    one_p.device = DBRX_DEVICE_CUDA;
+    dbrx_model *one = nullptr;
+    ASSERT_EQ(dbrx_model_load(dir.c_str(), &one_p, &one), DBRX_OK) << dbrx_last_error();
+    const auto cases = dbrx::testing::load_ref_cases(dir);
+    for (dbrx_model *m : {model, one}) {
+        dbrx_engine_params ep = dbrx_engine_default_params();
+        ep.kv_blocks = 64;
+        dbrx_engine *engine = nullptr;
+        ASSERT_EQ(dbrx_engine_create(m, &ep, &engine), DBRX_OK) << dbrx_last_error();
+        for (size_t ci = 0; ci < cases.size(); ++ci) {
+            const RefCase &c = cases[ci];
+            dbrx_sampling_params sp = dbrx_sampling_default_params();
+            sp.max_tokens = static_cast<int32_t>(c.greedy.size());
+            sp.n_stop_ids = 0;
+            std::vector<int32_t> ids(c.greedy.size());
+            int32_t n_out = 0;
+            dbrx_finish_reason finish = DBRX_FINISH_NONE;
+            ASSERT_EQ(dbrx_generate(engine, c.prompt.data(), static_cast<int32_t>(c.prompt.size()), &sp, ids.data(),
+                                    static_cast<int32_t>(ids.size()), &n_out, nullptr, &finish),
+                      DBRX_OK)
+                << dbrx_last_error();
+            // Free-running greedy: binding up to the first step whose reference margin is small.
+            for (int32_t s = 0; s < n_out && c.margins[s] > kMarginFloor; ++s)
+                EXPECT_EQ(ids[s], c.greedy[s]) << (m == model ? "tp 2" : "one GPU") << " case " << ci << " step " << s;
+        }
+        dbrx_engine_free(engine);
+    }
+    dbrx_model_free(model);
+    dbrx_model_free(one);
 }
 
 }  // namespace
