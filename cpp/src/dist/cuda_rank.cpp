@@ -131,14 +131,6 @@ CollectiveTime CudaRank::take_timing() {
     return t;
 }
 
-int64_t CudaRank::workspace_bytes() const {
-    int64_t b = 0;
-    for (const DeviceBuffer *p : {&partial_, &gather_send_, &gather_recv_, &logits_, &experts_, &weights_, &offsets_,
-                                  &active_, &perm_row_, &row_token_, &xp_, &gu_, &g_, &y_})
-        b += static_cast<int64_t>(p->bytes());
-    return b;
-}
-
 void CudaRank::reduce_into(float *partial, int64_t n, float *h, cublasHandle_t blas, cudaStream_t stream) {
     timed(stream, [&] { reduce_.all_reduce_sum(partial, n, stream); });
     const float one = 1.f;

@@ -69,8 +69,6 @@ public:
     void set_timing(bool on) { timing_ = on; }
     // Time spent in collectives since the last call (synchronises the stream of the last step).
     CollectiveTime take_timing();
-    // Device bytes of the rank's own step buffers (the hooks' share of the workspace).
-    int64_t workspace_bytes() const;
 
 private:
     // partial (all ranks) -> h += sum.
