@@ -10,6 +10,8 @@
 
 namespace dbrx {
 
+static_assert(DBRX_MAX_TOP_LOGPROBS <= kMaxLogitsCandidates, "a summary lists every reported alternative");
+
 namespace {
 
 void check_finite(float v, const char *field) {
