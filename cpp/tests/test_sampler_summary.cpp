@@ -3,7 +3,9 @@
 // random rows (ties, near-ties that temperature merges, -inf, NaN, +inf) under random parameters.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -168,6 +170,38 @@ TEST(SamplerSummary, FullVocabularyRowsAtDbrxSize) {
         expect_same_token(full.sample(row, p, 99 + iter, {}, std::vector<int32_t>(static_cast<size_t>(iter), 0)), *got);
     }
     EXPECT_GE(accepted, 20);  // greedy and top-k rows at least
+}
+
+// The host's share of a step per row at DBRX's vocabulary: sampling from the full row (what the
+// engine did for every row) against sampling from its summary (what is left once the device reduces).
+TEST(SamplerSummary, HostCostPerRowAtDbrxVocabulary) {
+    std::mt19937_64 rng(11);
+    const std::vector<float> row = random_row(RowKind::Gaussian, 100352, rng);
+    LogitsSummarizer summarizer;
+    Sampler sampler;
+    dbrx_sampling_params greedy = dbrx_sampling_default_params();
+    greedy.n_stop_ids = 0;
+    greedy.logprobs = true;
+    greedy.top_logprobs = 5;
+    dbrx_sampling_params top_k = greedy;
+    top_k.temperature = 0.8f;
+    top_k.top_k = 40;
+    for (const auto &[name, p] : {std::pair{"greedy + logprobs", greedy}, std::pair{"T 0.8, top_k 40 + logprobs", top_k}}) {
+        LogitsSummary s;
+        summarizer.summarize(row, logits_need(p), s);
+        constexpr int kReps = 20;
+        auto t0 = std::chrono::steady_clock::now();
+        int32_t sink = 0;
+        for (int i = 0; i < kReps; ++i) sink += sampler.sample(row, p, 1, {}, {}).id;
+        auto t1 = std::chrono::steady_clock::now();
+        for (int i = 0; i < kReps * 100; ++i) sink -= sampler.sample_summary(s, 100352, p, 1, 0).value().id;
+        auto t2 = std::chrono::steady_clock::now();
+        const double full_us = std::chrono::duration<double, std::micro>(t1 - t0).count() / kReps;
+        const double summary_us = std::chrono::duration<double, std::micro>(t2 - t1).count() / (kReps * 100);
+        std::printf("[SamplerSummary] %-28s full row %8.1f us, summary %6.2f us per row\n", name, full_us, summary_us);
+        EXPECT_EQ(sink, -99 * kReps * sampler.sample(row, p, 1, {}, {}).id);
+        EXPECT_LT(summary_us * 10, full_us);
+    }
 }
 
 TEST(SamplerSummary, TopPCutProvenFromTheBoundOnTheTail) {
