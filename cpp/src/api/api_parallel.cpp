@@ -51,7 +51,9 @@ ParallelLayout parallel_layout(const dbrx_model_params &p, int32_t device,
             invalid_argument("params.devices lists GPU " + num(p.devices[i]) + " twice (one rank per GPU)");
         out.devices.push_back(p.devices[i]);
     }
-    if (p.n_nodes == 0 || p.n_nodes < -1) invalid_argument("params.n_nodes must be >= 1 or -1, got " + num(p.n_nodes));
+    if (p.n_nodes == 0 || p.n_nodes < -1)
+        invalid_argument("params.n_nodes must be >= 1 or -1 (the launcher's), got " + num(p.n_nodes) +
+                         " (start from dbrx_model_default_params())");
     if (p.node_rank < -1) invalid_argument("params.node_rank must be >= 0 or -1, got " + num(p.node_rank));
     if (p.n_nodes > 0 && p.node_rank >= p.n_nodes)
         invalid_argument("params.node_rank " + num(p.node_rank) + " outside [0, n_nodes " + num(p.n_nodes) + ")");
