@@ -5,6 +5,8 @@
 # ours / floor / peer.
 #   ci/gpu-test.sh [--stages build,tests,bench,peers[,profile]] [--layers N[,M...]] [--quick] [--budget SECONDS]
 #                  [--filter GTEST_FILTER] [--only moe,attention,e2e]   (subsets, for kernel work)
+#                  [--tp N]   (stage "tp": the sharded bench over N GPUs through NCCL, per-rank memory and
+#                              collective time, at the first --layers value; tp.log)
 # --layers 8,2: every figure with 8 synthetic layers, then the end-to-end figures again with 2 layers,
 # the depth at which the Hugging Face peer runs (the last value). Logs and results go to $OUT (default ./gpu-out): summary.txt, cuda-tests.log, bench.log, bench.json,
 # peers.log, peers.json, profile.log, table.md (build.log when the build fails). Each stage gets what is left of --budget (default 570 s), so a
@@ -19,6 +21,7 @@ quick=""
 budget=570
 filter="*"
 only="moe,attention,e2e"
+tp=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --stages) stages="$2"; shift 2 ;;
@@ -27,6 +30,7 @@ while [ $# -gt 0 ]; do
     --budget) budget="$2"; shift 2 ;;
     --filter) filter="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;
+    --tp) tp="$2"; shift 2 ;;
     *) echo "gpu-test.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -75,8 +79,17 @@ main["rows"] += extra["rows"]
 main["layers"] = f"{main['layers']} (and {extra['layers']} for the end-to-end rows that say so)"
 json.dump(main, open(sys.argv[1], "w"), indent=2)
 PY
-    rm -f "$out/bench-$n.json"
+    rm -f "$out/bench-$n.json" "$out/bench-$n.log"  # merged into bench.json; 8 files come back at most
   done
+fi
+if has tp; then
+  gpus=$(nvidia-smi -L | wc -l)
+  devs=$(seq -s, 0 $(( tp - 1 )))
+  if [ "$gpus" -ge "$tp" ]; then
+    step "bench tp=$tp" tp.log $build/bin/dbrx bench --synthetic dbrx --layers "${layers%%,*}" --tp "$tp" --devices "$devs" $quick
+  else
+    echo "== bench tp=$tp: skipped, $gpus GPU(s) visible" | tee -a "$out/summary.txt"
+  fi
 fi
 if has profile; then
   # Per-kernel time and memory throughput of one decode-sized MoE layer and attention (Nsight Compute;
