@@ -1,0 +1,98 @@
+// Prefill flash attention on wgmma: host side of flash_prefill_wgmma_kernel.cuh. One CTA per (tile of
+// kFlashTile query rows, query head), the tiles as flash_prefill takes them.
+#include <atomic>
+#include <cmath>
+#include <string>
+
+#include "backend/cuda/cuda_util.h"
+#include "backend/cuda/flash_prefill_wgmma.h"
+#include "backend/cuda/flash_prefill_wgmma_kernel.cuh"
+
+namespace dbrx::cuda {
+namespace wgfa {
+namespace {
+
+// Compiled without sm_90a the kernel body is empty and uses a handful of registers; the real one
+// holds S, O and P in registers (well over 100), which tells the two apart without a device round trip.
+constexpr int kMinRealRegs = 96;
+
+template <class C> const void *kernel_of() { return reinterpret_cast<const void *>(flash_wgmma_kernel<C>); }
+
+template <class C> bool usable() {
+    int dev = 0, major = 0, minor = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+        return false;
+    if (major != 9 || minor != 0 || static_cast<size_t>(optin) < C::kSmem) return false;
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, kernel_of<C>()) != cudaSuccess) {
+        (void)cudaGetLastError();  // no image for this device: clear the sticky-free error
+        return false;
+    }
+    return attr.binaryVersion == 90 && attr.numRegs >= kMinRealRegs;
+}
+
+template <class C>
+void launch(const float *q, int32_t n_tiles, int32_t n_heads, const int32_t *tiles, TokenMeta meta, KvLayer kv,
+            bf16_t *out, cudaStream_t stream) {
+    if (!usable<C>()) invalid_argument("flash_prefill_wgmma: needs an sm_90 device and a build with sm_90a");
+    static std::atomic<uint32_t> smem_set{0};
+    allow_max_dynamic_smem(kernel_of<C>(), smem_set);
+    // log2(e) folded into the softmax scale: the kernel exponentiates with exp2.
+    const float qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(C::kHd));
+    const int64_t blocks = static_cast<int64_t>(n_tiles) * n_heads;
+    if (blocks > 0x7fffffff) invalid_argument("flash_prefill_wgmma: " + std::to_string(blocks) + " blocks in one launch");
+    flash_wgmma_kernel<C><<<static_cast<uint32_t>(blocks), C::kThreads, C::kSmem, stream>>>(q, n_heads, n_tiles, tiles,
+                                                                                          meta, kv, qscale, out);
+    DBRX_CUDA_LAUNCH_CHECK();
+}
+
+using Launch = void (*)(const float *, int32_t, int32_t, const int32_t *, TokenMeta, KvLayer, bf16_t *, cudaStream_t);
+struct Variant {
+    const char *name;
+    Launch fn;
+    bool (*ok)();
+};
+// Not yet measured on the H200: the test CudaFlashWgmma.DbrxLongSequence* times each against flash_prefill.
+// 128 keys x 2 stages is FlashAttention-3's shape at head dim 128 (160 KB of shared memory).
+constexpr Variant kVariants[] = {
+    {"wgmma 128 keys, 2 stages", launch<Cfg<128, 2>>, usable<Cfg<128, 2>>},
+    {"wgmma 128 keys, 3 stages", launch<Cfg<128, 3>>, usable<Cfg<128, 3>>},
+    {"wgmma 64 keys, 3 stages", launch<Cfg<64, 3>>, usable<Cfg<64, 3>>},
+};
+constexpr int32_t kDefault = 0;
+
+}  // namespace
+
+int32_t variant_count() { return static_cast<int32_t>(std::size(kVariants)); }
+const char *variant_name(int32_t variant) { return kVariants[variant].name; }
+int32_t default_variant() { return kDefault; }
+
+void prefill_variant(int32_t variant, const float *q, int32_t n_tiles, int32_t n_heads, const int32_t *tiles,
+                     TokenMeta meta, KvLayer kv, bf16_t *out, cudaStream_t stream) {
+    if (variant < 0 || variant >= variant_count())
+        invalid_argument("flash_prefill_wgmma: variant " + std::to_string(variant) + " out of range");
+    if (kv.head_dim != 128)
+        invalid_argument("flash_prefill_wgmma: head_dim " + std::to_string(kv.head_dim) + " (only 128 is built)");
+    if (kv.block_size < 1 || kv.n_kv_heads < 1 || n_heads < 1 || n_heads % kv.n_kv_heads != 0)
+        invalid_argument("flash_prefill_wgmma: block_size " + std::to_string(kv.block_size) + ", " +
+                         std::to_string(n_heads) + " query heads over " + std::to_string(kv.n_kv_heads) + " KV heads");
+    if (n_tiles < 0) invalid_argument("flash_prefill_wgmma: " + std::to_string(n_tiles) + " tiles");
+    if (n_tiles == 0) return;
+    kVariants[variant].fn(q, n_tiles, n_heads, tiles, meta, kv, out, stream);
+}
+
+}  // namespace wgfa
+
+bool flash_prefill_wgmma_supported(int32_t head_dim, int32_t block_size) {
+    return head_dim == 128 && block_size >= 1 && wgfa::kVariants[wgfa::kDefault].ok();
+}
+
+void flash_prefill_wgmma(const float *q, int32_t n_tiles, int32_t n_heads, const int32_t *tiles, TokenMeta meta,
+                         KvLayer kv, bf16_t *out, cudaStream_t stream) {
+    wgfa::prefill_variant(wgfa::kDefault, q, n_tiles, n_heads, tiles, meta, kv, out, stream);
+}
+
+}  // namespace dbrx::cuda
