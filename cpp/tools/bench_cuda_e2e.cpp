@@ -87,7 +87,11 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
             be->forward(*pool, std::span<const SeqStep>(pre.data() + b, std::min(8, B - b)), logits.data());
         std::vector<int32_t> next(B);
         int32_t pos = ctx0;
-        enum class Mode { Graphs, DeviceStage, NoGraphs };
+        // Graphs and NoGraphs deliver what the engine asks for a greedy request: a device-side summary
+        // per row (backend.h forward_summarized), not the [vocab] logits; FullLogits copies every row.
+        enum class Mode { Graphs, DeviceStage, NoGraphs, FullLogits };
+        const std::vector<LogitsNeed> needs(B, LogitsNeed{1, 0.f});
+        std::vector<LogitsSummary> summaries(B);
         Mode mode = Mode::Graphs;
         auto step = [&] {
             std::vector<SeqStep> dec(B);
@@ -98,8 +102,10 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
             if (mode == Mode::DeviceStage) {  // single-threaded here, so no lock is needed around it
                 be->compute_logits(cuda_pool, dec);
                 DBRX_CUDA_CHECK(cudaStreamSynchronize(s));
-            } else {
+            } else if (mode == Mode::FullLogits) {
                 be->forward(*pool, dec, logits.data());
+            } else if (!be->forward_summarized(*pool, dec, needs, summaries)) {
+                throw Error(DBRX_ERR_INTERNAL, "bench: the CUDA backend refused device-side summaries");
             }
             ++pos;
         };
@@ -107,7 +113,7 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
         const double experts = cfg.n_experts * (1 - std::pow(1.0 - double(cfg.top_k) / cfg.n_experts, B));
         const double bytes = decode_bytes(cfg, experts, B, ctx0 + warmup + steps / 2.0);
         double graph_ms = 0;
-        for (Mode m : {Mode::Graphs, Mode::DeviceStage, Mode::NoGraphs}) {
+        for (Mode m : {Mode::Graphs, Mode::DeviceStage, Mode::NoGraphs, Mode::FullLogits}) {
             mode = m;
             be->set_cuda_graphs(m != Mode::NoGraphs);
             const GraphStats before = be->graph_stats();
@@ -116,8 +122,11 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
             if (m == Mode::Graphs) graph_ms = ms;
             char name[96], extra[96];
             std::snprintf(name, sizeof name, "decode step B=%d ctx=%d, %d layers%s", B, ctx0, layers,
-                          m == Mode::Graphs ? "" : m == Mode::DeviceStage ? ", device stage" : ", no graphs");
-            if (m == Mode::NoGraphs)
+                          m == Mode::Graphs        ? ""
+                          : m == Mode::DeviceStage ? ", device stage"
+                          : m == Mode::NoGraphs    ? ", no graphs"
+                                                   : ", full logits to host");
+            if (m == Mode::NoGraphs || m == Mode::FullLogits)
                 std::snprintf(extra, sizeof extra, "%.2f TB/s, %.2fx the graph step", bytes / (ms * 1e-3) / 1e12,
                               ms / graph_ms);
             else
