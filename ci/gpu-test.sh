@@ -60,11 +60,13 @@ build=build-gpu
 if has build; then
   cmake -S . -B $build -G Ninja -DDBRX_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a >"$out/build.log" 2>&1 \
     || { tail -30 "$out/build.log"; exit 1; }
-  step build build.log cmake --build $build -j"$jobs" --target dbrx_cuda_tests dbrx_cli || exit 1
+  step build build.log cmake --build $build -j"$jobs" --target dbrx_cuda_tests dbrx_tests dbrx_cli || exit 1
   rm -f "$out/build.log"  # only 8 files come back from the machine; keep the build log on failure only
 fi
 if has tests; then
-  step tests cuda-tests.log $build/bin/dbrx_cuda_tests --gtest_color=no --gtest_filter="$filter"
+  # The GPU suite, then the CPU binary's NCCL tests (skipped on CI, which has no GPU).
+  step tests cuda-tests.log bash -c "$build/bin/dbrx_cuda_tests --gtest_color=no --gtest_filter='$filter'; a=\$?;
+    $build/bin/dbrx_tests --gtest_color=no --gtest_filter='DistNccl.*'; b=\$?; exit \$(( a | b ))"
 fi
 if has bench; then
   first=${layers%%,*}
