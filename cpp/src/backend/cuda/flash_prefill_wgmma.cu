@@ -18,7 +18,7 @@ constexpr int kMinRealRegs = 96;
 
 template <class C> const void *kernel_of() { return reinterpret_cast<const void *>(flash_wgmma_kernel<C>); }
 
-template <class C> bool usable() {
+template <class C> bool probe() {
     int dev = 0, major = 0, minor = 0, optin = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return false;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -28,10 +28,20 @@ template <class C> bool usable() {
     if (major != 9 || minor != 0 || static_cast<size_t>(optin) < C::kSmem) return false;
     cudaFuncAttributes attr{};
     if (cudaFuncGetAttributes(&attr, kernel_of<C>()) != cudaSuccess) {
-        (void)cudaGetLastError();  // no image for this device: clear the sticky-free error
+        (void)cudaGetLastError();  // no image for this device (a non-sticky error): clear it
         return false;
     }
     return attr.binaryVersion == 90 && attr.numRegs >= kMinRealRegs;
+}
+// Probed once per process (the devices of one process are taken to be of one kind).
+template <class C> bool usable() {
+    static std::atomic<int> state{0};  // 0 unknown, 1 usable, 2 not
+    int s = state.load(std::memory_order_acquire);
+    if (s == 0) {
+        s = probe<C>() ? 1 : 2;
+        state.store(s, std::memory_order_release);
+    }
+    return s == 1;
 }
 
 template <class C>

@@ -1,0 +1,263 @@
+// The Hopper wgmma prefill kernel (flash_prefill_wgmma and its shapes) against cpu::attend_one and
+// against flash_prefill (the mma.sync kernel): chunks of 1..300 rows over prefixes 0 and 1000, several
+// sequences per launch, ragged tiles, odd block sizes, then one long sequence at S=4096 and S=16384,
+// timed against flash_prefill. Every launch runs on its own stream and is waited for with a 10 s
+// bound: a kernel that hangs ends the process with a message instead of stalling the run.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <span>
+#include <thread>
+
+#include "backend/cpu/kernels.h"
+#include "backend/cuda/flash_prefill_wgmma.h"
+#include "backend/cuda/kernels.h"
+#include "cuda_test_util.h"
+
+namespace dbrx::cuda::test {
+namespace {
+
+constexpr int32_t kH = 48, kKV = 8, kHd = 128;  // DBRX
+struct Chunk {
+    int32_t prefix, n_new;
+};
+
+// Waits for `stream` at most `limit_s`; a launch still running then is taken as a hang.
+void wait_bounded(cudaStream_t stream, const char *what, double limit_s = 10.0) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+        const cudaError_t e = cudaStreamQuery(stream);
+        if (e == cudaSuccess) return;
+        if (e != cudaErrorNotReady) DBRX_CUDA_CHECK(e);
+        if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > limit_s) {
+            std::fprintf(stderr, "FAIL: %s still running after %.0f s (hang?); exiting\n", what, limit_s);
+            std::fflush(stdout);
+            std::fflush(stderr);
+            std::_Exit(3);
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+}
+
+// False (the test skips) off Hopper; on a Hopper the build must hold the sm_90a kernel.
+bool hopper_ready() {
+    int dev = 0, major = 0, minor = 0;
+    DBRX_CUDA_CHECK(cudaGetDevice(&dev));
+    DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    if (major != 9 || minor != 0) return false;
+    EXPECT_TRUE(flash_prefill_wgmma_supported(kHd, 16)) << "Hopper device, but no sm_90a kernel in this build";
+    EXPECT_FALSE(flash_prefill_wgmma_supported(64, 16));
+    EXPECT_FALSE(flash_prefill_wgmma_supported(kHd, 0));
+    return flash_prefill_wgmma_supported(kHd, 16);
+}
+
+// One launch's inputs: a paged cache with a shuffled block table (slots past each sequence's end
+// hold NaN, so reading one shows), the chunks' queries and their tiles of kFlashTile rows.
+struct Problem {
+    int32_t bs = 16, n_blocks = 0;
+    std::vector<Chunk> chunks;
+    std::vector<bf16_t> cache;
+    std::vector<int32_t> blocks, block_off, new_pos, new_seq, tiles;
+    std::vector<float> q;  // [Tn][H][hd]
+    int64_t half() const { return int64_t{bs} * kKV * kHd; }
+    int32_t n_tokens() const { return static_cast<int32_t>(new_pos.size()); }
+};
+
+Problem make_problem(int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
+    Problem p{bs, 0, std::move(chunks)};
+    for (const auto &c : p.chunks) p.n_blocks += (c.prefix + c.n_new + bs - 1) / bs;
+    p.blocks.resize(p.n_blocks);
+    std::iota(p.blocks.begin(), p.blocks.end(), 0);
+    std::shuffle(p.blocks.begin(), p.blocks.end(), std::mt19937(seed));
+    p.cache = to_bf16(uniform(static_cast<size_t>(p.n_blocks) * 2 * p.half(), -1.f, 1.f, seed + 1));
+    int32_t boff = 0;
+    for (size_t i = 0; i < p.chunks.size(); ++i) {
+        const int32_t len = p.chunks[i].prefix + p.chunks[i].n_new, nb = (len + bs - 1) / bs;
+        p.block_off.push_back(boff);
+        for (int32_t slot = len; slot < nb * bs; ++slot) {
+            const int64_t off = p.blocks[boff + slot / bs] * 2 * p.half() + int64_t{slot % bs} * kKV * kHd;
+            for (int64_t j = 0; j < int64_t{kKV} * kHd; ++j) p.cache[off + j] = p.cache[off + p.half() + j] = 0x7fc0;
+        }
+        boff += nb;
+        const int32_t first = p.n_tokens();
+        for (int32_t r = 0; r < p.chunks[i].n_new; ++r) {
+            p.new_pos.push_back(p.chunks[i].prefix + r);
+            p.new_seq.push_back(static_cast<int32_t>(i));
+        }
+        for (int32_t r = 0; r < p.chunks[i].n_new; r += kFlashTile)
+            p.tiles.insert(p.tiles.end(), {static_cast<int32_t>(i), first + r, std::min(kFlashTile, p.chunks[i].n_new - r),
+                                           p.chunks[i].prefix + r});
+    }
+    p.q = uniform(static_cast<size_t>(p.n_tokens()) * kH * kHd, -3.f, 3.f, seed + 2);  // far from a flat softmax
+    return p;
+}
+
+// cpu::attend_one for (token t, head h) over the fp32 copy of the bf16 cache.
+struct Reference {
+    const Problem &p;
+    std::vector<float> cache = to_f32(p.cache);
+    std::vector<float> scores;
+    void attend(int32_t t, int32_t h, float *out) {
+        cpu::PagedKv pk{cache.data(), cache.data() + p.half(), 2 * p.half(), p.bs, kKV, kHd};
+        const int32_t sq = p.new_seq[t], len = p.chunks[sq].prefix + p.chunks[sq].n_new;
+        std::span<const int32_t> table(p.blocks.data() + p.block_off[sq], (len + p.bs - 1) / p.bs);
+        scores.resize(len);
+        cpu::attend_one(p.q.data() + (int64_t{t} * kH + h) * kHd, p.new_pos[t], pk, table, h / (kH / kKV),
+                        1.f / std::sqrt(static_cast<float>(kHd)), scores.data(), out);
+    }
+};
+
+// Device copies of a problem; run() launches one kernel (variant -2: flash_prefill, -1:
+// flash_prefill_wgmma, else a wgmma shape) and returns the output.
+struct DeviceProblem {
+    DeviceBuffer cache, q, pos, seq, boff, blocks, tiles, out;
+    KvLayer kv;
+    TokenMeta meta;
+    int32_t n_tiles, Tn;
+    Stream stream;
+    explicit DeviceProblem(const Problem &p)
+        : cache(to_device(p.cache)), q(to_device(p.q)), pos(to_device(p.new_pos)), seq(to_device(p.new_seq)),
+          boff(to_device(p.block_off)), blocks(to_device(p.blocks)), tiles(to_device(p.tiles)),
+          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())), kv{cache.as<bf16_t>(), 2 * p.half(), p.half(), p.bs, kKV, kHd},
+          meta{pos.as<int32_t>(), seq.as<int32_t>(), boff.as<int32_t>(), blocks.as<int32_t>()},
+          n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), Tn(p.n_tokens()) {
+        // Pageable cudaMemcpy may return before its DMA lands; the launches run on a non-blocking stream.
+        DBRX_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+    void launch(int32_t variant) {
+        const float *qp = q.as<float>();
+        const int32_t *tp = tiles.as<int32_t>();
+        if (variant == -2) flash_prefill(qp, n_tiles, kH, tp, meta, kv, out.as<bf16_t>(), stream.get());
+        else if (variant == -1) flash_prefill_wgmma(qp, n_tiles, kH, tp, meta, kv, out.as<bf16_t>(), stream.get());
+        else wgfa::prefill_variant(variant, qp, n_tiles, kH, tp, meta, kv, out.as<bf16_t>(), stream.get());
+    }
+    std::vector<float> run(int32_t variant) {
+        DBRX_CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, out.bytes(), stream.get()));  // NaN where a row is not written
+        launch(variant);
+        wait_bounded(stream.get(), name(variant));
+        auto got = to_f32(to_host<bf16_t>(out.get(), static_cast<size_t>(Tn) * kH * kHd));
+        // rel_max_err skips NaN (std::max), so unwritten or poisoned rows are counted here.
+        const auto bad = std::count_if(got.begin(), got.end(), [](float x) { return !std::isfinite(x); });
+        EXPECT_EQ(bad, 0) << "non-finite outputs of " << name(variant);
+        return got;
+    }
+    static const char *name(int32_t variant) {
+        return variant == -2 ? "flash_prefill" : variant == -1 ? "flash_prefill_wgmma" : wgfa::variant_name(variant);
+    }
+};
+
+// The rows of heads `heads` (all rows) of `v` ([Tn][H][hd]).
+std::vector<float> pick_heads(const std::vector<float> &v, int32_t Tn, std::span<const int32_t> heads) {
+    std::vector<float> r;
+    for (int32_t t = 0; t < Tn; ++t)
+        for (int32_t h : heads) r.insert(r.end(), v.begin() + (int64_t{t} * kH + h) * kHd, v.begin() + (int64_t{t} * kH + h + 1) * kHd);
+    return r;
+}
+
+// Every row of five heads (three KV groups) against the reference and every head against
+// flash_prefill, for flash_prefill_wgmma and every wgmma shape.
+void check_chunks(int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
+    if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
+    const Problem p = make_problem(bs, std::move(chunks), seed);
+    constexpr int32_t kHeads[] = {0, 5, 6, 40, 47};
+    Reference ref_of{p};
+    std::vector<float> ref;
+    std::vector<float> row(kHd);
+    for (int32_t t = 0; t < p.n_tokens(); ++t)
+        for (int32_t h : kHeads) {
+            ref_of.attend(t, h, row.data());
+            ref.insert(ref.end(), row.begin(), row.end());
+        }
+    DeviceProblem d(p);
+    const auto base = d.run(-2);
+    for (int32_t v = -1; v < wgfa::variant_count(); ++v) {
+        const auto got = d.run(v);
+        const double err = rel_max_err(pick_heads(got, p.n_tokens(), kHeads), ref), diff = rel_max_err(got, base);
+        std::printf("wgmma bs=%d tokens=%d tiles=%d %s: max rel err %.2e vs cpu, %.2e vs flash_prefill\n", bs,
+                    p.n_tokens(), d.n_tiles, DeviceProblem::name(v), err, diff);
+        EXPECT_LT(err, 2e-2) << DeviceProblem::name(v);  // bf16 Q and P
+        EXPECT_LT(diff, 2e-2) << DeviceProblem::name(v);
+    }
+}
+
+TEST(CudaFlashWgmma, DbrxChunksPrefix0) {
+    check_chunks(16, {{0, 1}, {0, 64}, {0, 127}, {0, 128}, {0, 129}, {0, 300}}, 51);
+}
+TEST(CudaFlashWgmma, DbrxChunksPrefix1000) {
+    check_chunks(16, {{1000, 1}, {1000, 64}, {1000, 127}, {1000, 128}, {1000, 129}, {1000, 300}}, 52);
+}
+TEST(CudaFlashWgmma, MixedPrefixesAndBlockSizes) {
+    check_chunks(16, {{37, 255}, {200, 129}, {1000, 17}, {5, 31}}, 53);
+    check_chunks(7, {{0, 130}, {200, 45}}, 54);
+    check_chunks(64, {{1000, 100}, {0, 70}}, 55);
+}
+
+// Mean ms of `reps` launches after `warm` warm-ups, each batch bounded in time.
+double time_ms(DeviceProblem &d, int32_t variant, int warm = 2, int reps = 5) {
+    for (int i = 0; i < warm; ++i) d.launch(variant);
+    wait_bounded(d.stream.get(), DeviceProblem::name(variant), 30.0);
+    cudaEvent_t e0, e1;
+    DBRX_CUDA_CHECK(cudaEventCreate(&e0));
+    DBRX_CUDA_CHECK(cudaEventCreate(&e1));
+    DBRX_CUDA_CHECK(cudaEventRecord(e0, d.stream.get()));
+    for (int i = 0; i < reps; ++i) d.launch(variant);
+    DBRX_CUDA_CHECK(cudaEventRecord(e1, d.stream.get()));
+    wait_bounded(d.stream.get(), DeviceProblem::name(variant), 30.0);
+    float ms = 0;
+    DBRX_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    DBRX_CUDA_CHECK(cudaEventDestroy(e0));
+    DBRX_CUDA_CHECK(cudaEventDestroy(e1));
+    return ms / reps;
+}
+
+// One sequence of S tokens as one chunk: sampled rows against the reference, the whole output
+// against flash_prefill, and the times of flash_prefill and every wgmma shape (causal FLOPs).
+void check_long(int32_t S, uint32_t seed) {
+    if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
+    const Problem p = make_problem(16, {{0, S}}, seed);
+    DeviceProblem d(p);
+    const auto base = d.run(-2);
+    Reference ref_of{p};
+    std::vector<float> ref, row(kHd);
+    const int32_t rows[] = {0, 1, 63, 64, 127, 128, 1000, S / 2 + 5, S - 129, S - 65, S - 2, S - 1};
+    for (int32_t t : rows)
+        for (int32_t h : {0, 5, 6, 40, 47}) {
+            ref_of.attend(t, h, row.data());
+            ref.insert(ref.end(), row.begin(), row.end());
+        }
+    auto sampled = [&](const std::vector<float> &got) {
+        std::vector<float> sel;
+        for (int32_t t : rows)
+            for (int32_t h : {0, 5, 6, 40, 47}) {
+                const auto *g = got.data() + (int64_t{t} * kH + h) * kHd;
+                sel.insert(sel.end(), g, g + kHd);
+            }
+        return sel;
+    };
+    const double flops = 4.0 * kHd * kH * (static_cast<double>(S) * (S + 1) / 2);
+    const double base_ms = time_ms(d, -2);
+    std::printf("wgmma S=%d %-28s %.3f ms  %.0f TFLOP/s  sampled rows vs cpu %.2e\n", S, "flash_prefill (mma.sync)",
+                base_ms, flops / (base_ms * 1e-3) / 1e12, rel_max_err(sampled(base), ref));
+    for (int32_t v = 0; v < wgfa::variant_count(); ++v) {
+        const auto got = d.run(v);
+        const double err = rel_max_err(sampled(got), ref), diff = rel_max_err(got, base);
+        EXPECT_LT(err, 2e-2) << wgfa::variant_name(v);
+        EXPECT_LT(diff, 2e-2) << wgfa::variant_name(v) << " differs from flash_prefill";
+        const double ms = time_ms(d, v);
+        std::printf("wgmma S=%d %-28s%s %.3f ms  %.0f TFLOP/s  x%.2f vs flash_prefill  (vs cpu %.1e, vs flash_prefill "
+                    "%.1e)\n",
+                    S, wgfa::variant_name(v), v == wgfa::default_variant() ? " [default]" : "", ms,
+                    flops / (ms * 1e-3) / 1e12, base_ms / ms, err, diff);
+    }
+}
+
+TEST(CudaFlashWgmma, DbrxLongSequence4096) { check_long(4096, 61); }
+TEST(CudaFlashWgmma, DbrxLongSequence16384) { check_long(16384, 62); }
+
+}  // namespace
+}  // namespace dbrx::cuda::test
