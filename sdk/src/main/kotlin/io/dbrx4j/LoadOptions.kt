@@ -37,6 +37,7 @@ class LoadOptions private constructor(b: Builder) {
     val maxWaiting: Int? = b.maxWaiting
     val maxContext: Int = b.maxContext
     val prefixCache: Boolean = b.prefixCache
+    val batchInvariant: Boolean = b.batchInvariant
     val progress: LoadProgressListener? = b.progress
     val templateTimeout: Duration = b.templateTimeout
 
@@ -61,6 +62,7 @@ class LoadOptions private constructor(b: Builder) {
         internal var maxWaiting: Int? = from?.maxWaiting
         internal var maxContext = from?.maxContext ?: 0
         internal var prefixCache = from?.prefixCache ?: true
+        internal var batchInvariant = from?.batchInvariant ?: false
         internal var progress: LoadProgressListener? = from?.progress
         internal var templateTimeout: Duration = from?.templateTimeout ?: Duration.ofSeconds(2)
 
@@ -98,6 +100,11 @@ class LoadOptions private constructor(b: Builder) {
         /** Per-request context limit; 0 = the model's max_seq_len. */
         fun maxContext(tokens: Int) = apply { maxContext = tokens }
         fun prefixCache(enabled: Boolean) = apply { prefixCache = enabled }
+        /**
+         * Each request's output bitwise independent of what else is batched with it (dbrx_model_params
+         * batch_invariant). Free on the CPU; on CUDA it costs prefill speed. Not with tp/ep on CUDA.
+         */
+        fun batchInvariant(enabled: Boolean) = apply { batchInvariant = enabled }
         fun onProgress(listener: LoadProgressListener?) = apply { progress = listener }
         /** Upper bound on one chat-template render. */
         fun templateTimeout(timeout: Duration) = apply { templateTimeout = timeout }

@@ -52,6 +52,19 @@ class GenerationTest {
     }
 
     @Test
+    fun `a batch-invariant model gives the same tokens and prompt logits`() {
+        val c = cases.first()
+        val prompt = Prompt.ids(Fixtures.ints(c["prompt_ids"]))
+        val options = greedy(6).toBuilder().promptLogits(true).build()
+        val plain = model.complete(prompt, options)
+        Dbrx.load(Fixtures.modelDir, Fixtures.options.toBuilder().batchInvariant(true).build()).use { invariant ->
+            val got = invariant.complete(prompt, options)
+            assertArrayEquals(plain.tokenIds, got.tokenIds)
+            assertArrayEquals(plain.promptLogits, got.promptLogits)  // the CPU backend: bitwise
+        }
+    }
+
+    @Test
     fun `the three stream shapes give the same tokens`() {
         val prompt = Prompt.ids(Fixtures.ints(cases[2]["prompt_ids"]))
         val options = greedy(12)

@@ -146,6 +146,7 @@ internal class NativeEngine private constructor(
                     mp.n_threads(options.threads)
                     mp.tensor_parallel(options.tensorParallel)
                     mp.expert_parallel(options.expertParallel)
+                    mp.batch_invariant(options.batchInvariant)
                     // Past DBRX_MAX_DEVICES only the count is passed: the native loader names the limit.
                     mp.n_devices(options.devices.size)
                     options.devices.take(dbrx.DBRX_MAX_DEVICES).forEachIndexed { i, d -> mp.devices(i, d) }
