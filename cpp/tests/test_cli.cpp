@@ -187,3 +187,13 @@ TEST(CliEval, TensorAndExpertParallelMatchOneRank) {
         expect_same_results(alone, eval(model, "--ep 2"), 1e-5);
     }
 }
+
+TEST(CliEval, BatchInvariantFlagReachesTheModel) {
+    const std::string model = kFixtures[0];
+    // The CPU backend is batch-invariant either way: the flag must load and change nothing.
+    expect_same_results(eval(model), eval(model, "--batch-invariant --concurrency 4"), 0.0);
+    CliRun r = run_cli("eval --model " + model + " --cases " + model + "/reference.json --out /dev/null " +
+                       "--device cuda --tp 2 --batch-invariant");
+    EXPECT_EQ(r.exit_code, 2) << r.err;  // refused before any GPU is needed
+    EXPECT_NE(r.err.find("batch_invariant"), std::string::npos) << r.err;
+}

@@ -111,6 +111,7 @@ void load_model(const Args &args, dbrx_engine_params engine_params, LoadedModel 
     mp.n_threads = static_cast<int32_t>(args.integer("threads", 0, 0, 4096));
     mp.tensor_parallel = static_cast<int32_t>(args.integer("tp", 1, 1, 1024));
     mp.expert_parallel = static_cast<int32_t>(args.integer("ep", 1, 1, 1024));
+    mp.batch_invariant = args.str("batch-invariant") == "true";
     // Multi-GPU: --devices 0,1 (this process's GPUs), --rendezvous host:port, --nodes N, --node-rank R
     // (the last two default to the launcher's variables; the C API checks them all).
     if (args.has("devices")) {

@@ -80,7 +80,7 @@ bool drain(dbrx_engine *engine, const InFlight &f, Result &r, int32_t n_vocab, i
 }  // namespace
 
 int cmd_eval(int argc, char **argv) {
-    Args args(argc, argv, 2, {});
+    Args args(argc, argv, 2, {"batch-invariant"});
     std::vector<Case> cases = read_cases(args.required("cases"));
     std::string out_path = args.required("out");
     int64_t concurrency = args.integer("concurrency", 1, 1, 4096);

@@ -7,7 +7,7 @@
 namespace dbrx::cli {
 
 int cmd_generate(int argc, char **argv) {
-    Args args(argc, argv, 2, {"ignore-eos"});
+    Args args(argc, argv, 2, {"ignore-eos", "batch-invariant"});
     std::vector<int32_t> prompt = parse_ids(args.required("prompt-ids"), "--prompt-ids");
     dbrx_sampling_params sampling = sampling_from_args(args);
     LoadedModel m;

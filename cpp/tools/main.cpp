@@ -21,7 +21,8 @@ const char *kUsage =
     "  bench    --synthetic dbrx --layers N ...                                        (CUDA kernels, see --help)\n"
     "  bench    --synthetic dbrx --layers N --tp N [--ep N] [--devices 0,1]                (sharded CUDA backend)\n"
     "model options, for several GPUs: --device cuda --tp N [--ep N] [--devices 0,1] [--rendezvous host:port]\n"
-    "           [--nodes N --node-rank R]   (nodes / node rank default to RANK/WORLD_SIZE, SLURM_*, OMPI_*, PMI_*)\n";
+    "           [--nodes N --node-rank R]   (nodes / node rank default to RANK/WORLD_SIZE, SLURM_*, OMPI_*, PMI_*)\n"
+    "           --batch-invariant: each sequence's logits bitwise independent of the batch (slower CUDA prefill)\n";
 
 int exit_code_for(dbrx_status s) {
     switch (s) {

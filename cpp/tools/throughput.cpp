@@ -10,7 +10,7 @@
 namespace dbrx::cli {
 
 int cmd_throughput(int argc, char **argv) {
-    Args args(argc, argv, 2, {});
+    Args args(argc, argv, 2, {"batch-invariant"});
     const int32_t prompt_len = static_cast<int32_t>(args.integer("prompt-len", 64, 1, 1 << 20));
     const int32_t gen = static_cast<int32_t>(args.integer("gen", 64, 1, 1 << 20));
     const int32_t batch = static_cast<int32_t>(args.integer("batch", 1, 1, 4096));
