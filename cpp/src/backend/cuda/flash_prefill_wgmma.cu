@@ -66,11 +66,12 @@ struct Variant {
     bool (*ok)();
 };
 // Not yet measured on the H200: the test CudaFlashWgmma.DbrxLongSequence* times each against flash_prefill.
-// 128 keys x 2 stages is FlashAttention-3's shape at head dim 128 (160 KB of shared memory).
+// 128 keys x 2 stages is FlashAttention-3's shape at head dim 128 (165 KB of shared memory; 3 stages
+// of 128 keys do not fit in 227 KB).
 constexpr Variant kVariants[] = {
     {"wgmma 128 keys, 2 stages", launch<Cfg<128, 2>>, usable<Cfg<128, 2>>},
-    {"wgmma 128 keys, 3 stages", launch<Cfg<128, 3>>, usable<Cfg<128, 3>>},
     {"wgmma 64 keys, 3 stages", launch<Cfg<64, 3>>, usable<Cfg<64, 3>>},
+    {"wgmma 64 keys, 4 stages", launch<Cfg<64, 4>>, usable<Cfg<64, 4>>},
 };
 constexpr int32_t kDefault = 0;
 

@@ -33,8 +33,9 @@ struct Cfg {
     static constexpr int kThreads = 256;  // two consumer warpgroups
     static constexpr uint32_t kQBytes = kBM * kHd * 2;
     static constexpr uint32_t kTileBytes = BN * kHd * 2;  // one K or V tile
+    static constexpr int kRing = 4;                        // key tiles whose cache offsets are kept
     // +1024: the kernel aligns the dynamic shared memory to a swizzle atom (1024 bytes) itself.
-    static constexpr size_t kSmem = 1024 + kQBytes + 2 * ST * size_t{kTileBytes};
+    static constexpr size_t kSmem = 1024 + kQBytes + 2 * ST * size_t{kTileBytes} + kRing * BN * sizeof(int64_t);
     static_assert(kBM == kFlashTile, "a CTA covers exactly one tile of the backend");
     static_assert((BN == 64 || BN == 128) && ST >= 2 && kSmem <= 227 * 1024);
 };
@@ -150,29 +151,44 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const int32_t n_kt = last / BN + 1;
     const int tid = threadIdx.x;
 
-    // Key tile kt (K, or V with v_off = kv.v_offset) -> the swizzled tile at dst. Keys past `last`
+    // Cache offsets (elements, K side) of the keys of tile t in ring slot t % kRing, -1 past `last`.
+    // Thread tid < BN computes key tid of a tile one iteration before the tile's copies are issued
+    // (the table lookup and its division stay off the copy path); the slot a thread writes is neither
+    // of the two read in that iteration (K tile j + ST - 1, V tile j + ST - 2, writing j + ST).
+    int64_t *const ring = reinterpret_cast<int64_t *>(gq + C::kQBytes + 2 * ST * TB);  // [kRing][BN]
+    auto key_off = [&](int32_t t) -> int64_t {
+        const int32_t j = t * BN + tid;
+        if (tid >= BN || j > last) return -1;
+        return static_cast<int64_t>(__ldg(table + j / bs)) * kv.block_stride +
+               (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * HD;
+    };
+    // Key tile kt (from `base`: K, or V at kv.v_offset) -> the swizzled tile at dst. Keys past `last`
     // are zero-filled: they are masked, and zero V keeps 0 * V finite.
-    auto load_tile = [&](int32_t kt, uint32_t dst, int64_t v_off) {
+    auto load_tile = [&](int32_t kt, uint32_t dst, const uint16_t *base) {
         constexpr int kChunks = HD / 8, kPer = BN * kChunks / NT;
-        static_assert(BN * kChunks % NT == 0);
+        static_assert(BN * kChunks % NT == 0 && NT % kChunks == 0);
+        const int64_t *offs = ring + (kt % C::kRing) * BN;
+        const int c = tid % kChunks;
 #pragma unroll
         for (int it = 0; it < kPer; ++it) {
-            const int i = tid + it * NT, r = i / kChunks, c = i % kChunks;
-            const int32_t j = kt * BN + r;
-            const bool valid = j <= last;
-            const uint16_t *src = kv.base;
-            if (valid)
-                src = kv.base + static_cast<int64_t>(__ldg(table + j / bs)) * kv.block_stride + v_off +
-                      (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * HD + c * 8;
-            cp_async16(dst + swz(BN, r, c), src, valid);
+            const int r = tid / kChunks + it * (NT / kChunks);
+            const int64_t off = offs[r];
+            const bool valid = off >= 0;
+            cp_async16(dst + swz(BN, r, c), valid ? base + off + c * 8 : base, valid);
         }
     };
     // Load group g: K tile g and V tile g-1 (see the header comment), always committed, empty or not.
     auto load_group = [&](int32_t g) {
-        if (g < n_kt) load_tile(g, sk + (g % ST) * TB, 0);
-        if (g >= 1 && g <= n_kt) load_tile(g - 1, sv + ((g - 1) % ST) * TB, kv.v_offset);
+        if (g < n_kt) load_tile(g, sk + (g % ST) * TB, kv.base);
+        if (g >= 1 && g <= n_kt) load_tile(g - 1, sv + ((g - 1) % ST) * TB, kv.base + kv.v_offset);
         cp_commit();
     };
+    static_assert(ST <= C::kRing, "the prologue fills ring slots 0 .. ST - 1");
+    if (tid < BN) {
+#pragma unroll
+        for (int t = 0; t < ST; ++t) ring[t * BN + tid] = key_off(t);
+    }
+    __syncthreads();
 #pragma unroll
     for (int g = 0; g < ST - 1; ++g) load_group(g);
 
@@ -290,6 +306,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         cp_wait<ST - 2>();  // this thread's copies of group j landed
         fence_proxy_async();
         __syncthreads();  // everyone's did; the stages group j + ST - 1 overwrites are no longer read
+        const int64_t next_off = key_off(j + ST);  // stored at the end, its latency hidden by the math
         float corr[2];
         if (j >= 1 && j < n_wg) {  // steady state: the softmax of S_j overlaps P_{j-1} V_{j-1}
             fence_regs(o);
@@ -322,6 +339,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         } else {  // past this warpgroup's diagonal: only its share of the copies
             load_group(j + ST - 1);
         }
+        if (tid < BN) ring[((j + ST) % C::kRing) * BN + tid] = next_off;
     }
     cp_wait<0>();  // only empty groups remain; no copy may land after the CTA exits
 
