@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             wgmma_fence();
             issue_s(j);
             issue_pv(j);
-            load_group(j + ST - 1);  // table lookups and copies while the tensor cores work
+            load_group(j + ST - 1);  // the copies are issued while the tensor cores work
             wgmma_wait<1>();
             fence_regs(s);
             const bool moved = softmax(j, corr);
