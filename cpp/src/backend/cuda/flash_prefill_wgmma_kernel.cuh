@@ -55,8 +55,10 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
            (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+// 16 bytes global -> shared, bypassing L1; zero-filled (src not read) when `zero`.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool zero) {
+    asm volatile("{\n.reg .pred z;\nsetp.ne.b32 z, %2, 0;\ncp.async.cg.shared.global [%0], [%1], 16, z;\n}\n" ::"r"(dst),
+                 "l"(src), "r"(static_cast<int>(zero)));
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     const int32_t n_kt = last / BN + 1;
     const int tid = threadIdx.x;
 
-    // Cache offsets (elements, K side) of the keys of tile t in ring slot t % kRing, -1 past `last`.
+    // Cache offsets (bytes, K side) of the keys of tile t in ring slot t % kRing, -1 past `last`.
     // Thread tid < BN computes key tid of a tile one iteration before the tile's copies are issued
     // (the table lookup and its division stay off the copy path); the slot a thread writes is neither
     // of the two read in that iteration (K tile j + ST - 1, V tile j + ST - 2, writing j + ST).
@@ -159,28 +161,30 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     auto key_off = [&](int32_t t) -> int64_t {
         const int32_t j = t * BN + tid;
         if (tid >= BN || j > last) return -1;
-        return static_cast<int64_t>(__ldg(table + j / bs)) * kv.block_stride +
-               (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * HD;
+        return 2 * (static_cast<int64_t>(__ldg(table + j / bs)) * kv.block_stride +
+                    (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * HD);
     };
-    // Key tile kt (from `base`: K, or V at kv.v_offset) -> the swizzled tile at dst. Keys past `last`
-    // are zero-filled: they are masked, and zero V keeps 0 * V finite.
-    auto load_tile = [&](int32_t kt, uint32_t dst, const uint16_t *base) {
-        constexpr int kChunks = HD / 8, kPer = BN * kChunks / NT;
-        static_assert(BN * kChunks % NT == 0 && NT % kChunks == 0);
-        const int64_t *offs = ring + (kt % C::kRing) * BN;
-        const int c = tid % kChunks;
+    // Thread tid copies 16-byte chunk tid % 16 of rows tid / 16 + 16 it of a tile; the swizzle of
+    // those rows is the same (row mod 8 is), so their shared addresses step by 16 rows.
+    constexpr int kRowsPerPass = NT / (HD / 8);
+    static_assert(BN % kRowsPerPass == 0 && kRowsPerPass % 8 == 0);
+    const uint32_t dst_lane = swz(BN, tid / 16, tid % 16);
+    const char *const k_lane = reinterpret_cast<const char *>(kv.base + (tid % 16) * 8);
+    const char *const v_lane = reinterpret_cast<const char *>(kv.base + kv.v_offset + (tid % 16) * 8);
+    // Key tile kt (K from k_lane, V from v_lane) -> the swizzled tile at dst. Keys past `last` are
+    // zero-filled: they are masked, and zero V keeps 0 * V finite.
+    auto load_tile = [&](int32_t kt, uint32_t dst, const char *lane_base) {
+        const int64_t *offs = ring + (kt % C::kRing) * BN + tid / 16;
 #pragma unroll
-        for (int it = 0; it < kPer; ++it) {
-            const int r = tid / kChunks + it * (NT / kChunks);
-            const int64_t off = offs[r];
-            const bool valid = off >= 0;
-            cp_async16(dst + swz(BN, r, c), valid ? base + off + c * 8 : base, valid);
+        for (int it = 0; it < BN / kRowsPerPass; ++it) {
+            const int64_t off = offs[it * kRowsPerPass];
+            cp_async16(dst + dst_lane + it * kRowsPerPass * 128, lane_base + (off < 0 ? 0 : off), off < 0);
         }
     };
     // Load group g: K tile g and V tile g-1 (see the header comment), always committed, empty or not.
     auto load_group = [&](int32_t g) {
-        if (g < n_kt) load_tile(g, sk + (g % ST) * TB, kv.base);
-        if (g >= 1 && g <= n_kt) load_tile(g - 1, sv + ((g - 1) % ST) * TB, kv.base + kv.v_offset);
+        if (g < n_kt) load_tile(g, sk + (g % ST) * TB, k_lane);
+        if (g >= 1 && g <= n_kt) load_tile(g - 1, sv + ((g - 1) % ST) * TB, v_lane);
         cp_commit();
     };
     static_assert(ST <= C::kRing, "the prologue fills ring slots 0 .. ST - 1");
