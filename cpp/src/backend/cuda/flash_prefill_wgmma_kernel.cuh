@@ -320,10 +320,16 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             load_group(j + ST - 1);  // the copies are issued while the tensor cores work
             wgmma_wait<1>();
             fence_regs(s);
-            const bool moved = softmax(j, corr);
-            wgmma_wait<0>();
-            fence_regs(o);
-            if (moved) rescale_o(corr);
+            // The wait sits in both arms of a branch on the softmax's result, so that ptxas cannot
+            // schedule it (and the stall on P V) ahead of the softmax.
+            if (softmax(j, corr)) {
+                wgmma_wait<0>();
+                fence_regs(o);
+                rescale_o(corr);
+            } else {
+                wgmma_wait<0>();
+                fence_regs(o);
+            }
             pack_p();
         } else if (j == 0 && n_wg > 0) {  // first tile: S only (O is zero, so no rescale)
             wgmma_fence();
