@@ -86,6 +86,45 @@ TEST(DistNccl, OneRankRunsEveryCollective) {
     }
 }
 
+// A rank's step: collectives only enqueued on the communicator's stream (also inside a CUDA graph
+// capture, as the sharded backend's decode graphs hold them), one finish_step() waiting for all.
+TEST(DistNccl, EnqueuedCollectivesFinishWithTheStepAndCapture) {
+    if (visible_gpus() < 1) GTEST_SKIP() << "no CUDA device";
+    std::vector<int32_t> devices = {0};
+    auto comms = NcclCommunicator::create_local(RendezvousConfig{"", -1, 0, 1}, devices, 30s);
+    NcclCommunicator &c = *comms[0];
+    auto stream = static_cast<cudaStream_t>(c.stream());
+    DeviceFloats a({1.5f, -2.0f, 3.0f}), gathered({0, 0, 0});
+    c.enqueue_all_reduce_sum(a.ptr, 3);
+    c.enqueue_all_gather(a.ptr, 3, gathered.ptr);
+    c.finish_step();
+    EXPECT_EQ(gathered.read(), (std::vector<float>{1.5f, -2.0f, 3.0f}));
+
+    DeviceFloats b({4.0f, 5.0f, 6.0f}), out({0, 0, 0});
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    c.enqueue_all_reduce_sum(b.ptr, 3);
+    c.enqueue_all_gather(b.ptr, 3, out.ptr);
+    cudaGraph_t graph = nullptr;
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    EXPECT_EQ(out.read(), (std::vector<float>{0, 0, 0})) << "captured collectives ran during the capture";
+    for (int i = 0; i < 2; ++i) ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    c.finish_step();
+    EXPECT_EQ(out.read(), (std::vector<float>{4.0f, 5.0f, 6.0f}));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+
+    c.abort("injected fault");
+    try {
+        c.finish_step();
+        ADD_FAILURE() << "finish_step after an abort succeeded";
+    } catch (const Error &e) {
+        EXPECT_EQ(e.status(), DBRX_ERR_ENGINE_DEAD);
+        EXPECT_NE(std::string(e.what()).find("injected fault"), std::string::npos) << e.what();
+    }
+}
+
 // Finds a port nobody listens on by letting the rendezvous server pick one, then freeing it.
 int32_t free_port() {
     RendezvousServer probe(0, 1, 1s);

@@ -1,8 +1,10 @@
 // `dbrx bench --synthetic dbrx --layers N --tp N [--ep N] [--devices 0,1,..] [--transport nccl|host]
 //  [--batch 1,16] [--ctx N] [--quick] [--json FILE]`: the sharded CUDA backend on a synthetic
 // full-width DBRX split over tp x ep GPUs. Per rank: device memory (weights, KV, the rest); per
-// batch size: decode step time, collective time per layer (CUDA events around every all-reduce and
-// the logits all-gather) and the fraction of the floor, the slowest rank's bytes / HBM bandwidth.
+// batch size: decode step time with CUDA graphs (NCCL ranks capture their decode steps, collectives
+// included) and without, collective time per layer (CUDA events around every all-reduce and the
+// logits all-gather, in steps run without graphs: a graph replays no host-recorded events) and the
+// fraction of the floor (the slowest rank's bytes / HBM bandwidth over the step time with graphs).
 // --transport host runs the ranks through host memory, so that several may share one GPU (a
 // smoke test of the sharded math and of this benchmark on a single GPU; its collectives are slow).
 #include <cstdio>
@@ -123,7 +125,7 @@ int run_bench_dist(int argc, char **argv) {
         const int32_t steps = quick ? 5 : 20, warmup = 2;
         int32_t max_b = 1;
         for (int32_t b : batches) max_b = std::max(max_b, b);
-        const int32_t per_seq = (ctx + warmup + steps + kBlock - 1) / kBlock + 1;
+        const int32_t per_seq = (ctx + 2 * warmup + 3 * steps + kBlock - 1) / kBlock + 1;
         auto pool = be->create_kv_pool(per_seq * max_b, kBlock);
         std::mt19937 rng(5);
         std::uniform_int_distribution<int32_t> tok(0, cfg.vocab_size - 1);
@@ -132,8 +134,8 @@ int run_bench_dist(int argc, char **argv) {
         nlohmann::json out = {{"tp", tp}, {"ep", ep}, {"layers", layers}, {"transport", transport},
                               {"read_tb_s", ceil.read_bytes_per_s / 1e12}, {"ranks", nlohmann::json::array()},
                               {"decode", nlohmann::json::array()}};
-        std::printf("\n%-22s %10s %12s %14s %10s %9s\n", "decode", "step ms", "coll ms/lyr", "coll share", "floor ms",
-                    "fraction");
+        std::printf("\n%-22s %10s %13s %12s %14s %10s %9s\n", "decode", "step ms", "no-graph ms", "coll ms/lyr",
+                    "coll share", "floor ms", "fraction");
         for (int32_t B : batches) {
             std::vector<std::vector<int32_t>> tables(B), prompts(B);
             for (int32_t b = 0; b < B; ++b) {
@@ -157,13 +159,20 @@ int run_bench_dist(int argc, char **argv) {
                 be->forward(*pool, dec, logits.data());
                 ++pos;
             };
-            for (int32_t i = 0; i < warmup; ++i) step();
-            be->set_collective_timing(true);
-            be->rank_stats();  // drop the warm-up's timings
-            const auto t0 = std::chrono::steady_clock::now();
-            for (int32_t i = 0; i < steps; ++i) step();  // forward synchronises every rank's stream
-            const double ms =
-                std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / steps;
+            auto timed_steps = [&] {
+                const auto t0 = std::chrono::steady_clock::now();
+                for (int32_t i = 0; i < steps; ++i) step();  // forward waits for every rank's stream
+                return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / steps;
+            };
+            for (int32_t i = 0; i < warmup; ++i) step();  // the second one captures the graphs
+            const double ms = timed_steps();
+            be->set_cuda_graphs(false);
+            step();
+            const double ms_eager = timed_steps();
+            be->set_cuda_graphs(true);
+            be->set_collective_timing(true);  // eager steps: graphs replay no host-recorded events
+            be->rank_stats();  // drop earlier timings
+            timed_steps();
             double coll = 0;
             for (const dist::CudaRankStats &s : be->rank_stats()) coll = std::max(coll, s.collective_ms / steps);
             be->set_collective_timing(false);
@@ -175,19 +184,21 @@ int run_bench_dist(int argc, char **argv) {
             const double floor = 1e3 * floor_bytes / ceil.read_bytes_per_s;
             char name[48];
             std::snprintf(name, sizeof name, "B=%d ctx=%d", B, ctx);
-            std::printf("%-22s %10.3f %12.4f %13.1f%% %10.3f %9.3f\n", name, ms, coll_layer, 100 * coll / ms, floor,
-                        floor / ms);
-            out["decode"].push_back({{"batch", B}, {"ctx", ctx}, {"step_ms", ms}, {"collective_ms_per_layer", coll_layer},
-                                     {"floor_ms", floor}, {"fraction", floor / ms}});
+            std::printf("%-22s %10.3f %13.3f %12.4f %13.1f%% %10.3f %9.3f\n", name, ms, ms_eager, coll_layer,
+                        100 * coll / ms_eager, floor, floor / ms);
+            out["decode"].push_back({{"batch", B}, {"ctx", ctx}, {"step_ms", ms}, {"step_ms_no_graphs", ms_eager},
+                                     {"collective_ms_per_layer", coll_layer}, {"floor_ms", floor},
+                                     {"fraction", floor / ms}});
         }
         // After the runs, so that "other" holds the activations of the largest step too.
-        std::printf("\n%-10s %6s %12s %10s %26s\n", "rank", "GPU", "weights GiB", "KV GiB",
-                    "other GiB (activations, ...)");
+        std::printf("\n%-10s %6s %12s %10s %26s %14s\n", "rank", "GPU", "weights GiB", "KV GiB",
+                    "other GiB (activations, ...)", "graph replays");
         for (const dist::CudaRankStats &s : be->rank_stats()) {
-            std::printf("%-10d %6d %12.2f %10.2f %26.2f\n", s.rank, s.device, gib(s.weight_bytes), gib(s.kv_bytes),
-                        gib(s.workspace_bytes));
+            std::printf("%-10d %6d %12.2f %10.2f %26.2f %14lld\n", s.rank, s.device, gib(s.weight_bytes),
+                        gib(s.kv_bytes), gib(s.workspace_bytes), static_cast<long long>(s.graph_replays));
             out["ranks"].push_back({{"rank", s.rank}, {"device", s.device}, {"weight_bytes", s.weight_bytes},
-                                    {"kv_bytes", s.kv_bytes}, {"other_bytes", s.workspace_bytes}});
+                                    {"kv_bytes", s.kv_bytes}, {"other_bytes", s.workspace_bytes},
+                                    {"graph_replays", s.graph_replays}});
         }
         if (!json_path.empty()) {
             std::ofstream f(json_path);

@@ -21,6 +21,8 @@ using cuda::DeviceBuffer;
 class HostReduce final : public RankReduce {
 public:
     explicit HostReduce(Communicator &comm) : comm_(comm) {}
+    bool asynchronous() const override { return false; }
+    void finish_step(cudaStream_t s) override { DBRX_CUDA_CHECK(cudaStreamSynchronize(s)); }
     void all_reduce_sum(float *data, int64_t n, cudaStream_t s) override {
         grow(send_, sizeof(float) * n, s);
         DBRX_CUDA_CHECK(cudaMemcpyAsync(send_.get(), data, sizeof(float) * n, cudaMemcpyDeviceToHost, s));
@@ -57,9 +59,12 @@ private:
 class NcclReduce final : public RankReduce {
 public:
     NcclReduce(NcclCommunicator &comm, cudaStream_t stream) : comm_(comm) { comm_.set_stream(stream); }
-    void all_reduce_sum(float *data, int64_t n, cudaStream_t) override { comm_.all_reduce_sum(data, n); }
+    bool asynchronous() const override { return true; }
+    // The collectives are on the backend's stream (set_stream), so that stream is the step's.
+    void finish_step(cudaStream_t) override { comm_.finish_step(); }
+    void all_reduce_sum(float *data, int64_t n, cudaStream_t) override { comm_.enqueue_all_reduce_sum(data, n); }
     void all_gather(const float *send, int64_t n, float *recv, cudaStream_t) override {
-        comm_.all_gather(send, n, recv);
+        comm_.enqueue_all_gather(send, n, recv);
     }
     Communicator &communicator() override { return comm_; }
 
@@ -131,38 +136,40 @@ CollectiveTime CudaRank::take_timing() {
     return t;
 }
 
-void CudaRank::reduce_into(float *partial, int64_t n, float *h, cublasHandle_t blas, cudaStream_t stream) {
-    timed(stream, [&] { reduce_.all_reduce_sum(partial, n, stream); });
-    const float one = 1.f;
-    DBRX_CUBLAS_CHECK(cublasSaxpy_64(blas, n, &one, partial, 1, h, 1));
+bool CudaRank::capturable(int32_t n_tokens) const {
+    return reduce_.asynchronous() && !timing_ && !before_layer_ && shard_.experts.size() == global_.n_experts &&
+           moe_.capturable(n_tokens);
+}
+
+void CudaRank::reduce_residual(float *h, int64_t n, cudaStream_t stream) {
+    timed(stream, [&] { reduce_.all_reduce_sum(h, n, stream); });
 }
 
 void CudaRank::out_proj(int32_t layer, const bf16_t *attn, int32_t T, float *h, cublasHandle_t blas,
                         cudaStream_t stream) {
     if (before_layer_) before_layer_(shard_.rank, layer);
-    const int64_t d = global_.d_model, n = int64_t{T} * d;
-    partial_.reserve(sizeof(float) * n, "rank partial sums");
+    const int64_t d = global_.d_model;
     // Row-parallel: this rank's heads' share of every output; the sum over ranks is out_proj(attn).
     cuda::gemm_xwt(blas, attn, T, int64_t{shard_.q_heads.size()} * global_.head_dim,
-                   model_.layers[layer].out_proj.as<bf16_t>(), d, partial_.as<float>());
-    reduce_into(partial_.as<float>(), n, h, blas, stream);
+                   model_.layers[layer].out_proj.as<bf16_t>(), d, h, adds_residual() ? 1.f : 0.f);
+    reduce_residual(h, int64_t{T} * d, stream);
 }
 
 void CudaRank::moe(int32_t layer, const bf16_t *x, int32_t T, float *h, cublasHandle_t blas, cudaStream_t stream) {
     const int64_t n = int64_t{T} * global_.d_model;
-    partial_.reserve(sizeof(float) * n, "rank partial sums");
-    DBRX_CUDA_CHECK(cudaMemsetAsync(partial_.get(), 0, sizeof(float) * n, stream));
+    // The MoE adds into its output: h itself on rank 0, a zeroed h elsewhere (x is its own copy).
+    if (!adds_residual()) DBRX_CUDA_CHECK(cudaMemsetAsync(h, 0, sizeof(float) * n, stream));
     const cuda::DeviceLayer &L = model_.layers[layer];
     if (shard_.experts.size() == global_.n_experts) {
         cuda::MoeWeights mw;
         mw.router = L.router.as<bf16_t>();
         mw.w13 = L.w13.as<bf16_t>();
         mw.w2 = L.w2.as<bf16_t>();
-        moe_.forward(x, T, mw, partial_.as<float>(), blas, stream);  // adds into the zeroed partial
+        moe_.forward(x, T, mw, h, blas, stream);
     } else {
-        expert_parallel_moe(L, x, T, partial_.as<float>(), blas, stream);
+        expert_parallel_moe(L, x, T, h, blas, stream);
     }
-    reduce_into(partial_.as<float>(), n, h, blas, stream);
+    reduce_residual(h, n, stream);
 }
 
 // The rank's experts only: routing as everywhere, then the rows routed to experts [e0, e1), which

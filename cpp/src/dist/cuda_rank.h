@@ -2,8 +2,8 @@
 // turn a CudaBackend holding a shard into a rank, and the collectives it runs them with.
 // CUDA builds only: include it from code guarded by DBRX_WITH_CUDA.
 //
-// Per layer a rank all-reduces two [T][d] fp32 partial sums (out_proj, MoE) into the residual
-// stream, and per step all-gathers the last positions' logits of its vocabulary slice.
+// Per layer a rank all-reduces two [T][d] fp32 partial sums (out_proj, MoE) in the residual
+// stream itself, and per step all-gathers the last positions' logits of its vocabulary slice.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,11 +22,16 @@
 
 namespace dbrx::dist {
 
-// Collectives over device buffers, ordered on the caller's stream; synchronous for the caller and
-// failing with ENGINE_DEAD like Communicator (whose abort() fails them all).
+// Collectives over device buffers, ordered on the caller's stream, failing with ENGINE_DEAD like
+// Communicator (whose abort() fails them all). Synchronous for the caller unless asynchronous():
+// then they only enqueue, and finish_step() is where the rank waits (with the communicator's
+// timeout, never a hang) and where the step's collective failures surface.
 class RankReduce {
 public:
     virtual ~RankReduce() = default;
+    virtual bool asynchronous() const = 0;
+    // Waits for everything the step enqueued on `stream`.
+    virtual void finish_step(cudaStream_t stream) = 0;
     virtual void all_reduce_sum(float *device_data, int64_t n, cudaStream_t stream) = 0;
     // device_recv[r * n + i] = rank r's device_send[i].
     virtual void all_gather(const float *device_send, int64_t n, float *device_recv, cudaStream_t stream) = 0;
@@ -63,6 +68,9 @@ public:
     void moe(int32_t layer, const bf16_t *x, int32_t n_tokens, float *h, cublasHandle_t blas,
              cudaStream_t stream) override;
     void lm_head(const bf16_t *x, int32_t n_rows, float *logits, cublasHandle_t blas, cudaStream_t stream) override;
+    // Asynchronous collectives, whole experts on every rank (expert parallelism reads expert
+    // offsets back to the host), a capturable MoE path, and neither timing events nor fault injection.
+    bool capturable(int32_t n_tokens) const override;
 
     const RankShard &shard() const { return shard_; }
     // Collective timing for benchmarks (off by default: the events cost a little).
@@ -71,8 +79,11 @@ public:
     CollectiveTime take_timing();
 
 private:
-    // partial (all ranks) -> h += sum.
-    void reduce_into(float *partial, int64_t n, float *h, cublasHandle_t blas, cudaStream_t stream);
+    // The rank's partial sum is computed straight into the residual h: rank 0 adds it to h, the
+    // others overwrite h with it, and the in-place all-reduce of h then yields h + sum of partials
+    // on every rank, with no separate add and no partial buffer.
+    bool adds_residual() const { return shard_.rank == 0; }
+    void reduce_residual(float *h, int64_t n, cudaStream_t stream);
     void timed(cudaStream_t stream, const std::function<void()> &collective);
     void expert_parallel_moe(const cuda::DeviceLayer &L, const bf16_t *x, int32_t T, float *out, cublasHandle_t blas,
                              cudaStream_t stream);
@@ -89,7 +100,7 @@ private:
     size_t used_events_ = 0;
     cudaStream_t last_stream_ = nullptr;
 
-    cuda::DeviceBuffer partial_, gather_send_, gather_recv_;
+    cuda::DeviceBuffer gather_send_, gather_recv_;
     // Expert-parallel MoE buffers.
     cuda::DeviceBuffer logits_, experts_, weights_, offsets_, active_, perm_row_, row_token_, xp_, gu_, g_, y_;
     cuda::PinnedBuffer host_offsets_;

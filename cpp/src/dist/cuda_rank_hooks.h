@@ -27,6 +27,10 @@ public:
                      cudaStream_t stream) = 0;
     // logits[n_rows][vocab] = x . lm_head^T: each rank its vocabulary slice, then all-gathered.
     virtual void lm_head(const bf16_t *x, int32_t n_rows, float *logits, cublasHandle_t blas, cudaStream_t stream) = 0;
+    // Whether a decode step of n_tokens through these hooks may be captured in a CUDA graph: the
+    // collectives only enqueue (no host wait) and the rank's MoE needs no host round trip. Every
+    // rank must answer alike for a step, since all ranks must capture the same collectives.
+    virtual bool capturable(int32_t n_tokens) const = 0;
 };
 
 }  // namespace dbrx::dist

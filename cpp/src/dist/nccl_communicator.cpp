@@ -41,9 +41,10 @@ void check_cuda(cudaError_t e, const std::string &what) {
     if (e != cudaSuccess) fail(DBRX_ERR_ENGINE_DEAD, what + ": " + cudaGetErrorString(e));
 }
 
-// Polling back-off: spin briefly (collectives of a decode step take microseconds), then sleep.
-void back_off(Clock::time_point start) {
-    if (Clock::now() - start < std::chrono::microseconds(200)) std::this_thread::yield();
+// Polling back-off: spin for `spin` (collectives of a decode step take microseconds; a whole step a
+// few milliseconds, whose end a sleep would overshoot), then sleep.
+void back_off(Clock::time_point start, std::chrono::microseconds spin = std::chrono::microseconds(200)) {
+    if (Clock::now() - start < spin) std::this_thread::yield();
     else std::this_thread::sleep_for(std::chrono::microseconds(50));
 }
 
@@ -128,7 +129,7 @@ void NcclCommunicator::die(const std::string &why) {
                                    num(device_) + "): group failed: " + reason);
 }
 
-void NcclCommunicator::complete(const char *what, int result) {
+void NcclCommunicator::complete(const char *what, int result, bool wait_stream) {
     const auto start = Clock::now(), deadline = start + timeout_;
     auto r = static_cast<ncclResult_t>(result);
     if (!pending(r))
@@ -141,6 +142,7 @@ void NcclCommunicator::complete(const char *what, int result) {
         if (!pending(async))
             die(std::string(what) + " failed: " + ncclGetErrorString(async) + " (" + ncclGetLastError(comm_->comm) + ")");
         if (async == ncclSuccess) {  // enqueued; now wait for the stream
+            if (!wait_stream) return;
             cudaError_t s = cudaStreamQuery(as_stream(stream_));
             if (s == cudaSuccess) return;
             if (s != cudaErrorNotReady) die(std::string(what) + ": CUDA error " + cudaGetErrorString(s));
@@ -148,7 +150,7 @@ void NcclCommunicator::complete(const char *what, int result) {
         if (Clock::now() > deadline)
             die(std::string(what) + " timed out after " + num(timeout_.count()) +
                 " ms (a peer rank is dead, stalled or calling collectives out of step)");
-        back_off(start);
+        back_off(start, wait_stream ? std::chrono::microseconds(50000) : std::chrono::microseconds(200));
     }
 }
 
@@ -158,6 +160,30 @@ void NcclCommunicator::all_reduce_sum(float *data, int64_t n) {
     check_cuda(cudaSetDevice(device_), "cudaSetDevice");
     complete("all_reduce_sum",
              ncclAllReduce(data, data, static_cast<size_t>(n), ncclFloat32, ncclSum, comm_->comm, as_stream(stream_)));
+}
+
+void NcclCommunicator::enqueue_all_reduce_sum(float *data, int64_t n) {
+    std::lock_guard<std::mutex> lock(comm_->call);
+    if (aborted()) die("all_reduce_sum after an abort");
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    complete("all_reduce_sum",
+             ncclAllReduce(data, data, static_cast<size_t>(n), ncclFloat32, ncclSum, comm_->comm, as_stream(stream_)),
+             false);
+}
+
+void NcclCommunicator::enqueue_all_gather(const float *send, int64_t n, float *recv) {
+    std::lock_guard<std::mutex> lock(comm_->call);
+    if (aborted()) die("all_gather after an abort");
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    complete("all_gather", ncclAllGather(send, recv, static_cast<size_t>(n), ncclFloat32, comm_->comm, as_stream(stream_)),
+             false);
+}
+
+void NcclCommunicator::finish_step() {
+    std::lock_guard<std::mutex> lock(comm_->call);
+    if (aborted()) die("step interrupted by an abort");
+    check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+    complete("step", ncclSuccess);
 }
 
 void NcclCommunicator::all_gather(const float *send, int64_t n, float *recv) {

@@ -7,10 +7,11 @@
 // the NCCL ranks p * G .. p * G + G - 1.
 //
 // Never a hang: communicators are created non-blocking (ncclConfig_t::blocking = 0). Every call
-// is followed by polling ncclCommGetAsyncError and the stream until done, an error, an abort() of
-// any rank of this process, or timeout(); then the communicator is ncclCommAbort-ed and the call
-// throws DBRX_ERR_ENGINE_DEAD naming the rank. Ranks in other processes see the aborted peer as a
-// remote error reported by NCCL, or at worst hit their own timeout.
+// (for the enqueue_* collectives of a rank's step: the step's finish_step()) is followed by polling
+// ncclCommGetAsyncError and the stream until done, an error, an abort() of any rank of this
+// process, or timeout(); then the communicator is ncclCommAbort-ed and the call throws
+// DBRX_ERR_ENGINE_DEAD naming the rank. Ranks in other processes see the aborted peer as a remote
+// error reported by NCCL, or at worst hit their own timeout.
 #pragma once
 
 #include <chrono>
@@ -48,6 +49,15 @@ public:
                       std::span<const int64_t> recv_counts) override;
     void barrier() override;
     void abort(const std::string &reason) noexcept override;
+
+    // Enqueue-only collectives for a rank's step: they return once NCCL has queued the work on
+    // stream() (no wait for the GPU, so they may be captured in a CUDA graph); finish_step() then
+    // waits for the stream once. Failures NCCL reports while queueing abort and throw as above.
+    void enqueue_all_reduce_sum(float *data, int64_t n);
+    void enqueue_all_gather(const float *send, int64_t n, float *recv);
+    // Waits until stream() has drained (the step's kernels and collectives), polling
+    // ncclCommGetAsyncError, the local abort flag and timeout(); on failure aborts and throws ENGINE_DEAD.
+    void finish_step();
     bool aborted() const override;
 
     // Creates this process's ranks, one per entry of `devices` (CUDA ordinals). Process 0 makes the
@@ -62,8 +72,9 @@ private:
     struct Handle;
     NcclCommunicator(std::unique_ptr<Handle> comm, int32_t rank, int32_t size, int32_t device,
                      std::chrono::milliseconds timeout, std::shared_ptr<LocalAbort> local);
-    // Waits until the enqueued work finished; on failure or timeout aborts the communicator and throws.
-    void complete(const char *what, int result);
+    // Waits until NCCL queued the call (non-blocking communicators may return ncclInProgress) and,
+    // with wait_stream, until the stream finished it; on failure or timeout aborts and throws.
+    void complete(const char *what, int result, bool wait_stream = true);
     [[noreturn]] void die(const std::string &why);
 
     std::unique_ptr<Handle> comm_;

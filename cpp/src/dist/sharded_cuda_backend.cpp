@@ -5,6 +5,8 @@
 #ifdef DBRX_WITH_CUDA
 
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <exception>
 #include <map>
 #include <mutex>
@@ -59,7 +61,10 @@ struct Rank {
     std::unique_ptr<cuda::CudaBackend> backend;  // destroyed last: the hooks read its model
     std::unique_ptr<RankReduce> reduce;
     std::unique_ptr<CudaRank> hooks;
-    std::vector<float> logits;  // ranks other than the first: the gathered logits land here
+    // Graph bookkeeping (NCCL demands that every rank capture the same collectives): the rank's
+    // device allocation epoch after its last step, and its graph counts then.
+    uint64_t epoch = 0;
+    cuda::GraphStats graphs;
 };
 
 // progress of rank i of n as a fraction of the whole load.
@@ -175,6 +180,13 @@ public:
         std::lock_guard<std::mutex> lock(mutex_);
         for (Rank &r : ranks_) r.hooks->set_timing(on);
     }
+    void set_cuda_graphs(bool on) override {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (Rank &r : ranks_) {
+            cuda::set_device(r.device);
+            r.backend->set_cuda_graphs(on);
+        }
+    }
 
     std::vector<CudaRankStats> rank_stats() override {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -197,6 +209,9 @@ public:
             const CollectiveTime t = r.hooks->take_timing();
             s.collective_ms = t.ms;
             s.collectives = t.calls;
+            const cuda::GraphStats g = r.backend->graph_stats();
+            s.graph_replays = g.replays;
+            s.graph_captures = g.captures;
             out.push_back(s);
         }
         return out;
@@ -208,10 +223,54 @@ private:
     const ShardedCudaOptions options_;
     std::vector<std::unique_ptr<Communicator>> comms_;  // declared before ranks_: outlives their reducers
     std::vector<Rank> ranks_;
+    // Before a step: if anything else allocated on a rank's GPU since the last step (another
+    // backend, the KV pools), that rank alone would drop its graphs and run eagerly while the others
+    // replay, and NCCL requires captured collectives to be captured on every rank. So every rank
+    // drops them together. Within a step only the rank's own thread allocates on its GPU, alike on all.
+    void align_graphs();
+    // After a step: ranks whose graph counts moved differently ran their collectives captured on
+    // some ranks only; graphs go off for the group (reported once) rather than risk it again.
+    void check_graphs();
+
     std::mutex mutex_;
     std::string dead_;  // why the group failed; empty while healthy (guarded by mutex_)
     int32_t kv_blocks_ = 0, kv_block_size_ = 0;
 };
+
+void ShardedCuda::align_graphs() {
+    bool moved = false;
+    for (const Rank &r : ranks_) moved = moved || cuda::device_allocation_epoch(r.device) != r.epoch;
+    if (!moved) return;
+    for (Rank &r : ranks_) {
+        cuda::set_device(r.device);
+        const bool on = r.backend->cuda_graphs();
+        r.backend->set_cuda_graphs(false);  // drops the graphs and the shapes seen
+        r.backend->set_cuda_graphs(on);
+    }
+}
+
+void ShardedCuda::check_graphs() {
+    bool diverged = false;
+    std::vector<cuda::GraphStats> now;
+    for (Rank &r : ranks_) {
+        now.push_back(r.backend->graph_stats());
+        r.epoch = cuda::device_allocation_epoch(r.device);
+    }
+    auto delta = [&](size_t i) {
+        const cuda::GraphStats &a = now[i], &b = ranks_[i].graphs;
+        return std::array<int64_t, 3>{a.replays - b.replays, a.captures - b.captures, a.eager - b.eager};
+    };
+    for (size_t i = 1; i < ranks_.size(); ++i) diverged = diverged || delta(i) != delta(0);
+    for (size_t i = 0; i < ranks_.size(); ++i) ranks_[i].graphs = now[i];
+    if (!diverged) return;
+    std::fprintf(stderr, "dbrx: %s: the ranks' CUDA graphs diverged (a capture failed on some ranks only); decode "
+                         "steps run without graphs from now on\n", name().c_str());
+    for (Rank &r : ranks_) {
+        cuda::set_device(r.device);
+        r.backend->set_cuda_graphs(false);
+        r.graphs = r.backend->graph_stats();
+    }
+}
 
 void ShardedCuda::forward(KvPool &pool, std::span<const SeqStep> batch, float *logits) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -221,8 +280,8 @@ void ShardedCuda::forward(KvPool &pool, std::span<const SeqStep> batch, float *l
         invalid_argument(name() + " forward: the KV pool was not created by this backend");
     // Bad input fails this batch only: checked here, before any rank could stop half-way.
     check_forward_steps(cfg_, batch, *kv, logits, name());
-    size_t n_out = 0;
-    for (const SeqStep &s : batch) n_out += s.want_logits ? 1 : 0;
+
+    align_graphs();
 
     // One thread per rank. The first failure is the root cause: the others follow from the abort it
     // triggers (or name the rank they timed out waiting for).
@@ -231,12 +290,18 @@ void ShardedCuda::forward(KvPool &pool, std::span<const SeqStep> batch, float *l
     auto run_rank = [&](size_t i) {
         Rank &r = ranks_[i];
         try {
-            float *out = logits;
-            if (i > 0) {
-                r.logits.resize(n_out * static_cast<size_t>(cfg_.vocab_size));
-                out = r.logits.data();
-            }
-            r.backend->forward(kv->rank(i), batch, out);
+            auto *rank_pool = dynamic_cast<cuda::CudaKvPool *>(&kv->rank(i));
+            if (!rank_pool) fail(DBRX_ERR_INTERNAL, "rank KV pool is not a CUDA pool");
+            // The rank's backend is driven only from here, under mutex_: compute_logits needs no lock
+            // of its own. It enqueues the whole step (collectives included, a CUDA graph for decodes)
+            // without waiting; finish_step waits once, with the communicator's timeout.
+            const int32_t n = r.backend->compute_logits(*rank_pool, batch);
+            r.reduce->finish_step(r.backend->stream());
+            // Every rank holds the gathered logits; the first hands them out (its stream is idle now).
+            if (i == 0 && n > 0)
+                DBRX_CUDA_CHECK(cudaMemcpy(logits, r.backend->device_logits(),
+                                           sizeof(float) * n * static_cast<size_t>(cfg_.vocab_size),
+                                           cudaMemcpyDeviceToHost));
         } catch (const std::exception &e) {
             {
                 std::lock_guard<std::mutex> failure_lock(failure_mutex);
@@ -261,6 +326,7 @@ void ShardedCuda::forward(KvPool &pool, std::span<const SeqStep> batch, float *l
         dead_ = first_failure;
         fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + first_failure);
     }
+    check_graphs();
 }
 
 }  // namespace

@@ -43,12 +43,16 @@ struct CudaRankStats {
     int64_t weight_bytes = 0, kv_bytes = 0, workspace_bytes = 0;
     double collective_ms = 0;  // since the last call, CUDA events around every collective
     int64_t collectives = 0;
+    int64_t graph_replays = 0, graph_captures = 0;  // the rank's decode-step CUDA graphs, in all
 };
 
 class ShardedCudaBackend : public Backend {
 public:
     virtual int32_t world_size() const = 0;
+    // Collective timing puts CUDA events around every collective, so steps run without graphs meanwhile.
     virtual void set_collective_timing(bool on) = 0;
+    // Decode steps as CUDA graphs (NCCL ranks; on unless DBRX_CUDA_GRAPHS=0): the same on every rank.
+    virtual void set_cuda_graphs(bool on) = 0;
     // Per local rank; collective time accumulated since the previous call.
     virtual std::vector<CudaRankStats> rank_stats() = 0;
 };

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -52,6 +53,12 @@ int visible_gpus() {
         return 0;
     }
     return n;
+}
+
+// DBRX_CUDA_GRAPHS=0 turns the decode graphs off (cuda_backend.h).
+bool graphs_enabled() {
+    const char *v = std::getenv("DBRX_CUDA_GRAPHS");
+    return !v || !(std::string(v) == "0" || std::string(v) == "false" || std::string(v) == "off");
 }
 
 ShardedCudaOptions on_gpu0(int32_t ranks) {
@@ -230,7 +237,46 @@ TEST(CudaSharded, NcclTwoGpusMatchOneRank) {
         auto sharded = make_sharded_cuda_backend(*ckpt, 2, 1, o);
         auto one = make_cuda_backend(*ckpt, BackendOptions{}, nullptr, nullptr);
         expect_same_as_one_gpu(fixture, *sharded, *one);
+        // The decode steps ran as CUDA graphs holding the collectives, the same ones on both ranks.
+        if (graphs_enabled()) {
+            const std::vector<CudaRankStats> st = sharded->rank_stats();
+            ASSERT_EQ(st.size(), 2u);
+            EXPECT_GT(st[0].graph_replays, 0) << "no decode step replayed a graph";
+            EXPECT_EQ(st[0].graph_replays, st[1].graph_replays);
+            EXPECT_EQ(st[0].graph_captures, st[1].graph_captures);
+        }
     }
+}
+
+// Over NCCL a rank that throws mid-step leaves its peer's GPU inside a collective: the peer's
+// end-of-step wait sees the abort, aborts its communicator (which releases the kernel) and the
+// group fails with ENGINE_DEAD naming rank 1, promptly; afterwards the backend stays dead.
+TEST(CudaSharded, NcclRankFailureIsEngineDeadNotAHang) {
+    const int n = visible_gpus();
+    if (n < 2) GTEST_SKIP() << "NCCL tp 2 needs 2 GPUs; " << n << " visible";
+    auto ckpt = Checkpoint::open(std::string(DBRX_SOURCE_DIR) + kFixtures[0]);
+    ShardedCudaOptions o;
+    o.devices = {0, 1};
+    o.rendezvous.rank = 0;
+    o.rendezvous.world_size = 1;
+    o.timeout = 60s;
+    o.before_layer = [](int32_t rank, int32_t layer) {
+        if (rank == 1 && layer == 1) throw std::runtime_error("injected failure on rank 1");
+    };
+    auto sharded = make_sharded_cuda_backend(*ckpt, 2, 1, o);
+    auto pool = sharded->create_kv_pool(8, kBlockSize);
+    Seq s{sequential_blocks(0, 8)};
+    const auto start = std::chrono::steady_clock::now();
+    try {
+        prefill(*sharded, *pool, s, {1, 2, 3}, 0, ckpt->config().vocab_size);
+        ADD_FAILURE() << "the step succeeded despite a failing rank";
+    } catch (const Error &e) {
+        EXPECT_EQ(e.status(), DBRX_ERR_ENGINE_DEAD) << e.what();
+        EXPECT_NE(std::string(e.what()).find("injected failure"), std::string::npos) << e.what();
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 30s) << "failure took the collective timeout";
+    Seq again{sequential_blocks(0, 8)};
+    EXPECT_THROW(prefill(*sharded, *pool, again, {1}, 0, ckpt->config().vocab_size), Error);
 }
 
 // Through the C API: tp 2 takes GPUs 0 and 1; with one GPU that is a clear UNSUPPORTED error, with
