@@ -118,8 +118,9 @@ void CudaBackend::set_batch_invariant(bool on) {
 
 bool CudaBackend::graph_capturable(int32_t n_tokens) const {
     if (n_tokens <= 0 || n_tokens > kGraphMaxTokens) return false;
-    // Ranks of a sharded model (hooks_) run eagerly: their collectives are not proven under capture.
-    if (hooks_ != nullptr) return false;
+    // Ranks of a sharded model: their hooks run the MoE and the collectives, and know whether those
+    // can be captured (NCCL enqueued on stream_, no host round trip).
+    if (hooks_ != nullptr) return hooks_->capturable(n_tokens);
     if (invariant_) return true;  // GEMV groups only: no host round trip
     // The cuBLAS MoE path reads expert offsets back to the host, which a capture cannot hold.
     switch (moe_path_) {
