@@ -150,6 +150,10 @@ public:
                (options_.transport == CudaTransport::Nccl ? "nccl" : "host") + ")";
     }
     int32_t world_size() const override { return plan_.world_size; }
+    // Without mutex_: a forward holds it while its ranks wait in the collectives this fails.
+    void abort(const std::string &reason) noexcept override {
+        for (auto &c : comms_) c->abort(reason);
+    }
 
     // Per rank: blocks must fit on every rank, so the largest rank block against the least room.
     int64_t kv_bytes_per_block(int32_t block_size) const override {

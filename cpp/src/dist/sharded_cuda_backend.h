@@ -49,6 +49,9 @@ struct CudaRankStats {
 class ShardedCudaBackend : public Backend {
 public:
     virtual int32_t world_size() const = 0;
+    // Fails this process's collectives (any thread, at any time): a step waiting on a peer process
+    // that is gone throws ENGINE_DEAD with `reason` now rather than at the timeout (dist/step_leader.h).
+    virtual void abort(const std::string &reason) noexcept = 0;
     // Collective timing puts CUDA events around every collective, so steps run without graphs meanwhile.
     virtual void set_collective_timing(bool on) = 0;
     // Decode steps as CUDA graphs (NCCL ranks; on unless DBRX_CUDA_GRAPHS=0): the same on every rank.

@@ -237,8 +237,8 @@ std::vector<std::unique_ptr<StepConnection>> StepChannelListener::accept_all() {
                                                       num(world_size_) + ")", conn.get());
         if (peers[hello.rank - 1])
             refuse_all(DBRX_ERR_INVALID_ARGUMENT, "two processes claim rank " + num(hello.rank), conn.get());
-        peers[hello.rank - 1] = std::make_unique<StepConnection>(::dup(conn->fd()), "process " + num(hello.rank) +
-                                                                                        " (" + host + ")");
+        conn->set_peer("process " + num(hello.rank) + " (" + host + ")");
+        peers[hello.rank - 1] = std::move(conn);
         --missing;
     }
     // Close the listener before anyone hears back, so NCCL's rendezvous may bind the port at once.
@@ -258,10 +258,13 @@ std::unique_ptr<StepConnection> connect_step_channel(const std::string &host, in
     hints.ai_socktype = SOCK_STREAM;
     std::string last_error = "no attempt";
     for (;;) {
-        addrinfo *list = nullptr;
-        const int rc = ::getaddrinfo(host.c_str(), num(port).c_str(), &hints, &list);
+        addrinfo *raw = nullptr;
+        const int rc = ::getaddrinfo(host.c_str(), num(port).c_str(), &hints, &raw);
+        std::unique_ptr<addrinfo, void (*)(addrinfo *)> list(rc == 0 ? raw : nullptr, [](addrinfo *a) {
+            if (a) ::freeaddrinfo(a);
+        });
         if (rc != 0) last_error = std::string("cannot resolve: ") + ::gai_strerror(rc);
-        for (addrinfo *a = rc == 0 ? list : nullptr; a; a = a->ai_next) {
+        for (addrinfo *a = list.get(); a; a = a->ai_next) {
             const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
             if (fd < 0) continue;
             auto conn = std::make_unique<StepConnection>(fd, "process 0 (" + host + ":" + num(port) + ")");
@@ -277,26 +280,22 @@ std::unique_ptr<StepConnection> connect_step_channel(const std::string &host, in
                 last_error = std::strerror(err);
                 continue;
             }
+            StepReply reply;
             try {
                 conn->send(StepMsg::Hello, encode(StepHello{rank, world_size}),
                            std::chrono::milliseconds(remaining_ms(deadline) + 1));
                 // Process 0 answers once every process has said hello.
                 StepFrame f = conn->receive(std::chrono::milliseconds(remaining_ms(deadline) + 1));
                 if (f.type != StepMsg::Welcome)
-                    fail(DBRX_ERR_IO, where + ": expected a Welcome, got a " + step_msg_name(f.type));
-                const StepReply reply = decode_reply(f.payload);
-                if (reply.status != DBRX_OK) {
-                    ::freeaddrinfo(list);
-                    fail(reply.status, where + " refused: " + reply.message);
-                }
-                ::freeaddrinfo(list);
-                return conn;
+                    fail(DBRX_ERR_IO, std::string("expected a Welcome, got a ") + step_msg_name(f.type));
+                reply = decode_reply(f.payload);
             } catch (const Error &e) {
-                if (e.what() == std::string() || std::string(e.what()).find(" refused: ") != std::string::npos) throw;
-                last_error = e.what();  // e.g. reached something else on that port: try again
+                last_error = e.what();  // e.g. something else answered on that port: try again
+                continue;
             }
+            if (reply.status != DBRX_OK) fail(reply.status, where + " refused: " + reply.message);
+            return conn;
         }
-        if (list) ::freeaddrinfo(list);
         if (remaining_ms(deadline) == 0)
             fail(DBRX_ERR_TIMEOUT, where + ": no welcome within " + num(timeout.count()) + " ms (last error: " +
                                        last_error + ")");

@@ -34,6 +34,7 @@ public:
     StepConnection &operator=(const StepConnection &) = delete;
 
     const std::string &peer() const { return peer_; }
+    void set_peer(std::string name) { peer_ = std::move(name); }  // before the connection is shared
     int fd() const { return fd_; }
 
     // Throws DBRX_ERR_TIMEOUT when the peer has not taken the frame within `timeout` (it stopped
