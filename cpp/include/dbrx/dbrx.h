@@ -128,6 +128,16 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
 /* Safe with NULL. The model must outlive every engine created from it. */
 DBRX_API void dbrx_model_free(dbrx_model *model);
 DBRX_API dbrx_status dbrx_model_get_info(const dbrx_model *model, dbrx_model_info *out);
+/* Several processes (n_nodes > 1): process 0 creates the engine and serves requests; every other
+ * process (node_rank > 0) calls dbrx_model_serve instead, which runs the KV pools and forward steps
+ * process 0 sends (over a TCP channel opened on the rendezvous address during dbrx_model_load) on
+ * this process's GPUs until process 0 frees its model. Returns DBRX_OK then; DBRX_ERR_ENGINE_DEAD,
+ * naming the peer, when process 0 exits or its connection breaks or falls silent, or when a step
+ * fails here (process 0's steps then fail with ENGINE_DEAD too). DBRX_ERR_INVALID_ARGUMENT on
+ * process 0 or a single process, or when called a second time. Blocks the calling thread; do not
+ * free the model meanwhile. On a model with node_rank > 0, dbrx_engine_create fails with
+ * DBRX_ERR_INVALID_ARGUMENT. */
+DBRX_API dbrx_status dbrx_model_serve(dbrx_model *model);
 
 /* ---- engine ---- */
 

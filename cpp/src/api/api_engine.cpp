@@ -64,6 +64,10 @@ DBRX_API dbrx_status dbrx_engine_create(dbrx_model *model, const dbrx_engine_par
         *out = nullptr;
         require(model, "model");
         require(params, "params");
+        if (model->is_follower)
+            dbrx::invalid_argument("the model is process " + std::to_string(model->node_rank) + " of " +
+                                   std::to_string(model->n_nodes) + " (node_rank > 0): only process 0 runs an "
+                                   "engine; call dbrx_model_serve(model) here to run its steps");
         const dbrx::ModelConfig &c = model->config;
         dbrx::EngineOptions options =
             dbrx::resolve_engine_options(*params, *model->backend, c.vocab_size, c.max_seq_len, c.eos_ids);

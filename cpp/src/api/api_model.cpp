@@ -5,6 +5,7 @@
 
 #include "api/api_guard.h"
 #include "api/handles.h"
+#include "api/api_multiprocess.h"
 #include "api/api_parallel.h"
 #include "dist/sharded_cpu_backend.h"
 #include "dist/sharded_cuda_backend.h"
@@ -126,9 +127,8 @@ DBRX_API dbrx_status dbrx_model_load(const char *dir, const dbrx_model_params *p
             model->backend = dbrx::dist::make_parallel_cpu_backend(*model->checkpoint, options);
         } else {
             // One rank: the plain CUDA backend; tp x ep > 1: one rank per GPU over NCCL.
-            model->backend = dbrx::dist::make_parallel_cuda_backend(*model->checkpoint, options, layout.devices,
-                                                                    layout.rendezvous, p.progress,
-                                                                    p.progress_user_data);
+            // Several processes: process 0 also leads the others over the step channel (api_multiprocess.h).
+            model->backend = dbrx::api::load_cuda_backend(*model, options, layout, p.progress, p.progress_user_data);
         }
         report(1.0f);
         *out = model.release();

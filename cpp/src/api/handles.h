@@ -5,6 +5,8 @@
 #include <memory>
 
 #include "dbrx/dbrx.h"
+#include "dist/step_channel.h"
+#include "dist/step_leader.h"
 #include "engine/engine.h"
 #include "io/checkpoint.h"
 #include "io/model_config.h"
@@ -16,6 +18,12 @@ struct dbrx_model {
     dbrx::ModelConfig config;
     int64_t weight_bytes = 0;
     dbrx_device device = DBRX_DEVICE_CPU;
+    // Process node_rank > 0 of a multi-process group: it runs no engine, only dbrx_model_serve, which
+    // reads process 0's commands from `follower` (taken by the first call). Declared last: closed first.
+    bool is_follower = false;
+    int32_t node_rank = 0, n_nodes = 1;
+    dbrx::dist::StepGroupOptions group;
+    std::unique_ptr<dbrx::dist::StepConnection> follower;
 };
 
 struct dbrx_engine {
