@@ -99,6 +99,11 @@ LoadedModel::~LoadedModel() {
 }
 
 void load_model(const Args &args, dbrx_engine_params engine_params, LoadedModel &out) {
+    load_model_only(args, out);
+    check(dbrx_engine_create(out.model, &engine_params, &out.engine), "creating the engine");
+}
+
+void load_model_only(const Args &args, LoadedModel &out) {
     dbrx_model_params mp = dbrx_model_default_params();
     std::string device = args.str("device", "cpu");
     if (device == "cpu") {
@@ -134,7 +139,6 @@ void load_model(const Args &args, dbrx_engine_params engine_params, LoadedModel 
     std::string dir = args.required("model");
     check(dbrx_model_load(dir.c_str(), &mp, &out.model), "loading the model");
     check(dbrx_model_get_info(out.model, &out.info), "reading the model info");
-    check(dbrx_engine_create(out.model, &engine_params, &out.engine), "creating the engine");
 }
 
 dbrx_sampling_params sampling_from_args(const Args &args) {

@@ -55,6 +55,8 @@ struct LoadedModel {
     ~LoadedModel();
 };
 void load_model(const Args &args, dbrx_engine_params engine_params, LoadedModel &out);
+// The same without the engine (`serve-rank`: processes node_rank > 0 of a group run none).
+void load_model_only(const Args &args, LoadedModel &out);
 // Sampling options of `generate`: --temperature --top-k --top-p --min-p --repetition-penalty
 // --presence-penalty --frequency-penalty --seed --max-tokens.
 dbrx_sampling_params sampling_from_args(const Args &args);
@@ -64,5 +66,7 @@ int cmd_eval(int argc, char **argv);
 int cmd_throughput(int argc, char **argv);
 // `dbrx bench --synthetic dbrx --tp N [--ep N]`: the sharded CUDA backend (bench_cuda_dist.cpp).
 int run_bench_dist(int argc, char **argv);
+// `dbrx serve-rank`: process node_rank > 0 of a multi-process group (serve_rank.cpp).
+int cmd_serve_rank(int argc, char **argv);
 
 }  // namespace dbrx::cli

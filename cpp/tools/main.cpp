@@ -20,6 +20,8 @@ const char *kUsage =
     "  bench    --model DIR [--device cpu|cuda] [--prompt-len N] [--gen N] [--batch N]   (real checkpoint)\n"
     "  bench    --synthetic dbrx --layers N ...                                        (CUDA kernels, see --help)\n"
     "  bench    --synthetic dbrx --layers N --tp N [--ep N] [--devices 0,1]                (sharded CUDA backend)\n"
+    "  serve-rank --model DIR --device cuda --tp N [--devices 0,1] --rendezvous host:port --nodes P --node-rank R\n"
+    "           process R >= 1 of P: runs process 0's steps until it exits (exit 0; 1 when it died)\n"
     "model options, for several GPUs: --device cuda --tp N [--ep N] [--devices 0,1] [--rendezvous host:port]\n"
     "           [--nodes N --node-rank R]   (nodes / node rank default to RANK/WORLD_SIZE, SLURM_*, OMPI_*, PMI_*)\n"
     "           --batch-invariant: each sequence's logits bitwise independent of the batch (slower CUDA prefill)\n";
@@ -61,6 +63,7 @@ int main(int argc, char **argv) {
     try {
         if (cmd == "generate") return cmd_generate(argc, argv);
         if (cmd == "eval") return cmd_eval(argc, argv);
+        if (cmd == "serve-rank") return cmd_serve_rank(argc, argv);
         if (cmd == "bench") {
             if (!wants_synthetic(argc, argv)) return cmd_throughput(argc, argv);
             return wants_sharded(argc, argv) ? run_bench_dist(argc, argv) : run_bench(argc, argv);
@@ -69,7 +72,7 @@ int main(int argc, char **argv) {
             std::printf("dbrx %s\n", dbrx_version());
             return 0;
         }
-        throw UsageError("unknown command '" + cmd + "' (generate, eval, bench)");
+        throw UsageError("unknown command '" + cmd + "' (generate, eval, bench, serve-rank)");
     } catch (const UsageError &e) {
         std::fprintf(stderr, "dbrx %s: %s\n", cmd.c_str(), e.what());
         return 2;
