@@ -241,7 +241,8 @@ TEST(CudaDecodeAttention, OtherShapes) {
 }
 
 // A token's output bytes are the same alone (max_ctx = its context) and among 23 other tokens with
-// a larger max_ctx, with and without tok_list, on the tensor-core and the generic kernel.
+// a larger max_ctx, with and without tok_list, on the tensor-core and the generic kernel (on an
+// H200's tensor cores the 24-token launch takes 4 splits per CTA, the others one).
 TEST(CudaDecodeAttention, BatchInvariantBitwise) {
     for (const Shape &s : {kDbrx, Shape{8, 2, 96}}) {
         std::vector<int32_t> lens{9000, 777, 1, 4096, 4097};
@@ -290,9 +291,9 @@ TEST(CudaDecodeAttention, RepeatedLaunchesAndGraphReplay) {
     const auto small_first = small.output();
     for (int rep = 0; rep < 3; ++rep) {
         big.enqueue(scratch.get(), stream.get());
-        EXPECT_EQ(big.output(), first) << "eager launch " << rep << " differs from the first";
+        EXPECT_TRUE(big.output() == first) << "eager launch " << rep << " differs from the first";
         small.enqueue(scratch.get(), stream.get());
-        EXPECT_EQ(small.output(), small_first) << "eager small launch " << rep << " differs from the first";
+        EXPECT_TRUE(small.output() == small_first) << "eager small launch " << rep << " differs from the first";
     }
 
     cudaGraph_t graph = nullptr;
@@ -305,9 +306,9 @@ TEST(CudaDecodeAttention, RepeatedLaunchesAndGraphReplay) {
     for (int rep = 0; rep < 3; ++rep) {
         big.enqueue(scratch.get(), stream.get(), true, false);
         DBRX_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
-        EXPECT_EQ(big.output(), first) << "graph replay " << rep << " differs from the eager launch";
+        EXPECT_TRUE(big.output() == first) << "graph replay " << rep << " differs from the eager launch";
         small.enqueue(scratch.get(), stream.get());  // a different launch between the replays
-        EXPECT_EQ(small.output(), small_first) << "small launch after replay " << rep << " differs";
+        EXPECT_TRUE(small.output() == small_first) << "small launch after replay " << rep << " differs";
     }
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);

@@ -35,10 +35,12 @@ template <int HD, int Stages> struct Smem {
     static constexpr int kStageElems = 2 * kTileElems;  // K tile, then V tile
     static constexpr int kWarpElems = Stages * kStageElems;
     static constexpr size_t kPipeBytes = size_t{kWarps} * kWarpElems * 2;
-    // After the main loop the same memory holds each warp's m[16], l[16] and o[16][HD + 8] floats.
-    static constexpr int kORow = HD + 8;
-    static constexpr size_t kMergeBytes = size_t{kWarps} * (32 + 16 * kORow) * 4;
-    static constexpr size_t kBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
+    // At the end of a split, each warp's m[16], l[16] and o[16][HD + 4] floats go to one of its own
+    // stages, the one it has just consumed (refilled only by its next iteration).
+    static constexpr int kORow = HD + 4;
+    static constexpr int kStateFloats = 32 + 16 * kORow;
+    static_assert(kStateFloats * 4 <= kStageElems * 2, "a warp's state must fit in one of its stages");
+    static constexpr size_t kBytes = kPipeBytes;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {
@@ -143,19 +145,30 @@ __device__ __forceinline__ void merge_splits(const float *scratch, int64_t slot,
     }
 }
 
-// Two CTAs per SM (104 KB of shared memory and 178 registers per thread at head_dim 128).
+// Two CTAs per SM (104 KB of shared memory and about 180 registers per thread at head_dim 128). A CTA
+// takes `per_cta` consecutive splits of its token (fewer, longer CTAs for large launches: one
+// start-up and one pipeline fill for several splits). Every split but a token's last one is a whole
+// multiple of kWarps tiles, so each split's state is computed exactly as by a CTA of its own: the
+// bytes do not depend on per_cta.
 template <int HD>
 __global__ void __launch_bounds__(kWarps * 32, 2)
-    decode_mma_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float qscale,
-                      float *scratch, uint16_t *out, const int32_t *tok_list, int32_t slot0, int32_t bank) {
+    decode_mma_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, int32_t per_cta,
+                      float qscale, float *scratch, uint16_t *out, const int32_t *tok_list, int32_t slot0,
+                      int32_t bank) {
     using S = Smem<HD, kStages>;
     extern __shared__ __align__(16) uint16_t smem[];
-    const int32_t kvh = blockIdx.x, split = blockIdx.y, slot = slot0 + static_cast<int32_t>(blockIdx.z);
+    const int32_t kvh = blockIdx.x, slot = slot0 + static_cast<int32_t>(blockIdx.z);
     const int32_t t = tok_list ? tok_list[slot] : slot;
     const int32_t ctx = meta.pos[t] + 1;
-    int32_t begin, end;
-    attn::split_range(ctx, split, splits, begin, end);
-    if (begin >= end) return;  // past this token's last split
+    const int32_t ns = min(attn::n_splits(ctx), splits);  // the token's non-empty splits
+    const int32_t s_lo = static_cast<int32_t>(blockIdx.y) * per_cta;
+    if (s_lo >= ns) return;  // past this token's last split
+    const int32_t s_hi = min(s_lo + per_cta, ns);
+    int32_t begin, end, unused;
+    attn::split_range(ctx, s_lo, splits, begin, unused);
+    attn::split_range(ctx, s_hi - 1, splits, unused, end);
+    // Tiles per warp in a whole split (split lengths are multiples of kWarps * kTile = 64 keys).
+    const int32_t per_split = attn::split_len(ctx) / (kWarps * kTile);
     const int32_t G = n_heads / kv.n_kv_heads, bs = kv.block_size;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
@@ -187,9 +200,63 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     };
 
     float o[HD / 8][4];
+    float m0, m1, l0, l1;  // rows g and g + 8; l: this lane's share
+    auto reset = [&] {
 #pragma unroll
-    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8; l: this lane's share
+        for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+        m0 = m1 = -INFINITY;
+        l0 = l1 = 0.f;
+    };
+    reset();
+    // Warp w's state at the end of a split: m[16], l[16], o[16][kORow] floats in its stage `stage`.
+    auto state = [&](int w, int stage) {
+        return reinterpret_cast<float *>(smem + w * S::kWarpElems + stage * S::kStageElems);
+    };
+    auto store_state = [&](int stage) {
+        float *ms = state(warp, stage), *ls = ms + 16, *os = ls + 16;
+        const float lq0 = quad_sum(l0), lq1 = quad_sum(l1);
+        if (c == 0) {
+            ms[g] = m0;
+            ms[g + 8] = m1;
+            ls[g] = lq0;
+            ls[g + 8] = lq1;
+        }
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            float *r0 = os + g * S::kORow + n * 8 + 2 * c, *r1 = r0 + 8 * S::kORow;
+            *reinterpret_cast<float2 *>(r0) = make_float2(o[n][0], o[n][1]);
+            *reinterpret_cast<float2 *>(r1) = make_float2(o[n][2], o[n][3]);
+        }
+    };
+    // Merges the warps' stored states in warp order into split `sp`'s partial state (or, for a token
+    // with one split, its output). The caller synchronises the CTA before and after.
+    auto combine = [&](int stage, int32_t sp) {
+        for (int32_t idx = threadIdx.x; idx < G * HD; idx += kWarps * 32) {
+            const int32_t r = idx / HD, dim = idx % HD;
+            float M = state(0, stage)[r];
+#pragma unroll
+            for (int w = 1; w < kWarps; ++w) M = fmaxf(M, state(w, stage)[r]);
+            float L = 0.f, A = 0.f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) {
+                const float *ws = state(w, stage);
+                const float f = exp2f(ws[r] - M);  // 0 for a warp without tiles (m = -inf)
+                L += ws[16 + r] * f;
+                A += ws[32 + r * S::kORow + dim] * f;
+            }
+            const int32_t h = kvh * G + r;
+            if (ns == 1) {
+                out[(static_cast<int64_t>(t) * n_heads + h) * HD + dim] = f2bf(A / L);
+            } else {
+                float *p = attn::partial(scratch, slot, n_heads, h, splits, sp, HD);
+                if (dim == 0) {
+                    p[0] = M;
+                    p[1] = L;
+                }
+                p[attn::kPartialHead + dim] = A;
+            }
+        }
+    };
 
     // The first kStages tiles' block-table entries, all in flight at once.
     int64_t offs[kStages];
@@ -285,72 +352,60 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
             mma_bf16(o[2 * d], pa, b[0], b[1]);
             mma_bf16(o[2 * d + 1], pa, b[2], b[3]);
         }
+        // A whole split of the range ends with this tile (at the same k in every warp): its state
+        // goes to the stage just consumed, which the next iteration refills only after the merge.
+        if ((k + 1) % per_split == 0 && k + 1 < (s_hi - s_lo) * per_split) {
+            const int stage = k % kStages;
+            __syncwarp();  // every lane's ldmatrix reads of the stage are done
+            store_state(stage);
+            __syncthreads();
+            combine(stage, s_lo + (k + 1) / per_split - 1);
+            __syncthreads();
+            reset();
+        }
         __syncwarp();  // this stage is refilled by the next iteration's issue
     }
     cp_wait<0>();
     // A kernel launched after this one with programmatic dependent launch may start its blocks once
     // every CTA got here (the last wave); it still waits for this grid to complete before its reads.
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
-
-    // Merge the warps' states in warp order through shared memory (reusing the pipeline's).
+    // The range's last split: every stage is free now.
+    store_state(0);
     __syncthreads();
-    float *ms = reinterpret_cast<float *>(smem), *ls = ms + kWarps * 16, *os = ls + kWarps * 16;
-    if (c == 0) {
-        ms[warp * 16 + g] = m0;
-        ms[warp * 16 + g + 8] = m1;
-        ls[warp * 16 + g] = l0;
-        ls[warp * 16 + g + 8] = l1;
-    }
-#pragma unroll
-    for (int n = 0; n < HD / 8; ++n) {
-        float *r0 = os + (warp * 16 + g) * S::kORow + n * 8 + 2 * c, *r1 = r0 + 8 * S::kORow;
-        *reinterpret_cast<float2 *>(r0) = make_float2(o[n][0], o[n][1]);
-        *reinterpret_cast<float2 *>(r1) = make_float2(o[n][2], o[n][3]);
-    }
-    __syncthreads();
-    const int32_t ns = min(attn::n_splits(ctx), splits);  // the token's non-empty splits
-    for (int32_t idx = threadIdx.x; idx < G * HD; idx += kWarps * 32) {
-        const int32_t r = idx / HD, dim = idx % HD;
-        float M = ms[r];
-#pragma unroll
-        for (int w = 1; w < kWarps; ++w) M = fmaxf(M, ms[w * 16 + r]);
-        float L = 0.f, A = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-            const float f = exp2f(ms[w * 16 + r] - M);  // 0 for a warp without tiles (m = -inf)
-            L += ls[w * 16 + r] * f;
-            A += os[(w * 16 + r) * S::kORow + dim] * f;
-        }
-        const int32_t h = kvh * G + r;
-        if (ns == 1) {
-            out[(static_cast<int64_t>(t) * n_heads + h) * HD + dim] = f2bf(A / L);
-        } else {
-            float *p = attn::partial(scratch, slot, n_heads, h, splits, split, HD);
-            if (dim == 0) {
-                p[0] = M;
-                p[1] = L;
-            }
-            p[attn::kPartialHead + dim] = A;
-        }
-    }
+    combine(0, s_hi - 1);
     if (ns == 1) return;
-    // Publish this split's state, then count it in; the last arrival merges and resets the counter
-    // (every other split of the token has counted itself in by then).
+    // Publish the range's split states, then count them in; the last arrival merges and resets the
+    // counter (every other split of the token has counted itself in by then).
     __threadfence();
     __syncthreads();
     __shared__ int last;
     if (threadIdx.x == 0) {
         uint32_t *ctr = g_counters + static_cast<int64_t>(bank) * attn::kCounterBankSize +
                         static_cast<int64_t>(blockIdx.z) * kv.n_kv_heads + kvh;
-        last = atomicAdd(ctr, 1u) == static_cast<uint32_t>(ns - 1);
+        last = atomicAdd(ctr, static_cast<uint32_t>(s_hi - s_lo)) == static_cast<uint32_t>(ns - (s_hi - s_lo));
         if (last) atomicExch(ctr, 0u);
     }
     __syncthreads();
     if (!last) return;
     __threadfence();  // the other splits' partials, published before their arrivals, are visible
     merge_splits<HD>(scratch, slot, n_heads, G, kvh, splits, ns, out, t);
+}
+
+// Waves of CTAs below which a launch gets no more splits per CTA (the last wave's idle SMs and each
+// CTA's start-up weigh less than with fewer, longer CTAs).
+constexpr int kMinWaves = 4;
+
+int32_t sm_count(int dev) {
+    static std::atomic<int32_t> counts[64] = {};
+    std::atomic<int32_t> &n = counts[dev & 63];
+    int32_t v = n.load(std::memory_order_relaxed);
+    if (v == 0) {
+        int sms = 0;
+        DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        v = std::max(1, sms);
+        n.store(v, std::memory_order_relaxed);
+    }
+    return v;
 }
 
 template <int HD> void launch(const attn::Launch &a, int32_t n_tokens, cudaStream_t stream) {
@@ -381,9 +436,15 @@ template <int HD> void launch(const attn::Launch &a, int32_t n_tokens, cudaStrea
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
     for (int32_t slot0 = 0; slot0 < n_tokens; slot0 += max_z) {
-        cfg.gridDim = dim3(a.kv.n_kv_heads, a.splits, std::min(max_z, n_tokens - slot0));
-        DBRX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_mma_kernel<HD>, a.q, a.n_heads, a.meta, a.kv, a.splits, qscale,
-                                           a.scratch, a.out, a.tok_list, slot0, bank));
+        const int32_t n_z = std::min(max_z, n_tokens - slot0);
+        // Several splits per CTA while the grid keeps at least kMinWaves waves of 2 CTAs per SM.
+        int32_t per_cta = 1;
+        auto ctas = [&](int32_t f) { return int64_t{a.kv.n_kv_heads} * ((a.splits + f - 1) / f) * n_z; };
+        while (2 * per_cta <= a.splits && ctas(2 * per_cta) >= int64_t{kMinWaves} * 2 * sm_count(dev))
+            per_cta *= 2;
+        cfg.gridDim = dim3(a.kv.n_kv_heads, (a.splits + per_cta - 1) / per_cta, n_z);
+        DBRX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_mma_kernel<HD>, a.q, a.n_heads, a.meta, a.kv, a.splits,
+                                           per_cta, qscale, a.scratch, a.out, a.tok_list, slot0, bank));
     }
 }
 
