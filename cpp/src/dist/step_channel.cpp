@@ -217,6 +217,7 @@ std::vector<std::unique_ptr<StepConnection>> StepChannelListener::accept_all() {
         if (fd < 0) continue;
         char host[NI_MAXHOST] = "?";
         ::getnameinfo(reinterpret_cast<sockaddr *>(&from), len, host, sizeof host, nullptr, 0, NI_NUMERICHOST);
+        if (std::strncmp(host, "::ffff:", 7) == 0) std::memmove(host, host + 7, std::strlen(host + 7) + 1);  // IPv4
         auto conn = std::make_unique<StepConnection>(fd, std::string("a peer at ") + host);
         StepHello hello;
         try {
