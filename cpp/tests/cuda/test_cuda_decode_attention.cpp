@@ -1,7 +1,9 @@
 // Paged decode attention (attention(): the tensor-core kernel and the generic one) against
 // cpu::attend_one on random bf16 caches: the DBRX shape from 1 to 32768 keys, a batch of 64 mixed
-// contexts, short prefill chunks, tok_list, the fixtures' and other group sizes, and bitwise batch
-// invariance (a token's output bytes do not depend on the rest of the launch or on max_ctx).
+// contexts, short prefill chunks, tok_list, the fixtures' and other group sizes, bitwise batch
+// invariance (a token's output bytes do not depend on the rest of the launch or on max_ctx), and the
+// fused merge's self-resetting counters (repeated launches on one scratch, CUDA graph replays,
+// launches that take more than one counter bank's worth of tokens).
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -95,27 +97,56 @@ std::vector<float> queries(const Shape &s, size_t n_tokens, uint32_t seed) {
     return uniform(n_tokens * s.H * s.hd, -3.f, 3.f, seed);
 }
 
-// One attention() launch over `toks` (optionally restricted to tok_list) with the grid bound from
-// max_ctx; returns the whole output, whose unlisted tokens keep the 0xFFFF (NaN) fill.
+// The device inputs of attention() over `toks` (optionally restricted to tok_list) with the grid
+// bound from max_ctx, launchable any number of times on a given stream and scratch.
+class Launch {
+public:
+    Launch(const Cache &c, const std::vector<Tok> &toks, const std::vector<float> &q, int32_t max_ctx,
+           const std::vector<int32_t> &tok_list = {})
+        : c_(c), max_ctx_(max_ctx), n_out_(toks.size() * c.shape().H * c.shape().hd) {
+        std::vector<int32_t> pos, seq;
+        for (const Tok &t : toks) {
+            pos.push_back(t.pos);
+            seq.push_back(t.seq);
+        }
+        d_pos_ = to_device(pos);
+        d_seq_ = to_device(seq);
+        d_q_ = to_device(q);
+        d_list_ = to_device(tok_list);
+        listed_ = !tok_list.empty();
+        n_ = listed_ ? static_cast<int32_t>(tok_list.size()) : static_cast<int32_t>(toks.size());
+        splits_ = attention_splits(n_, c.shape().KV, max_ctx);
+        out_ = DeviceBuffer(sizeof(bf16_t) * n_out_);
+    }
+    size_t scratch_bytes() const {
+        return std::max<size_t>(1, attention_scratch_bytes(n_, c_.shape().H, c_.shape().hd, splits_));
+    }
+    // Fills the output with 0xFFFF (NaN), then (with `launch`) enqueues attention() on `stream`.
+    void enqueue(void *scratch, cudaStream_t stream, bool fill = true, bool launch = true) const {
+        if (fill) DBRX_CUDA_CHECK(cudaMemsetAsync(out_.get(), 0xff, out_.bytes(), stream));
+        if (!launch) return;
+        const TokenMeta tm{d_pos_.as<int32_t>(), d_seq_.as<int32_t>(), c_.d_boff(), c_.d_blocks()};
+        attention(d_q_.as<float>(), n_, c_.shape().H, tm, c_.layer(), max_ctx_, splits_, scratch, out_.as<bf16_t>(),
+                  stream, listed_ ? d_list_.as<int32_t>() : nullptr);
+    }
+    std::vector<bf16_t> output() const { return to_host<bf16_t>(out_.get(), n_out_); }
+
+private:
+    const Cache &c_;
+    int32_t max_ctx_, n_ = 0, splits_ = 1;
+    size_t n_out_;
+    bool listed_ = false;
+    DeviceBuffer d_pos_, d_seq_, d_q_, d_list_, out_;
+};
+
+// One attention() launch on a fresh scratch; returns the whole output, whose unlisted tokens keep
+// the 0xFFFF (NaN) fill.
 std::vector<bf16_t> run(const Cache &c, const std::vector<Tok> &toks, const std::vector<float> &q, int32_t max_ctx,
                         const std::vector<int32_t> &tok_list = {}) {
-    const Shape s = c.shape();
-    std::vector<int32_t> pos, seq;
-    for (const Tok &t : toks) {
-        pos.push_back(t.pos);
-        seq.push_back(t.seq);
-    }
-    auto d_pos = to_device(pos), d_seq = to_device(seq), d_q = to_device(q), d_list = to_device(tok_list);
-    const TokenMeta tm{d_pos.as<int32_t>(), d_seq.as<int32_t>(), c.d_boff(), c.d_blocks()};
-    const int32_t n = tok_list.empty() ? static_cast<int32_t>(toks.size()) : static_cast<int32_t>(tok_list.size());
-    const int32_t splits = attention_splits(n, s.KV, max_ctx);
-    DeviceBuffer scratch(std::max<size_t>(1, attention_scratch_bytes(n, s.H, s.hd, splits)));
-    const size_t n_out = toks.size() * s.H * s.hd;
-    DeviceBuffer out(sizeof(bf16_t) * n_out);
-    DBRX_CUDA_CHECK(cudaMemset(out.get(), 0xff, out.bytes()));
-    attention(d_q.as<float>(), n, s.H, tm, c.layer(), max_ctx, splits, scratch.get(), out.as<bf16_t>(), nullptr,
-              tok_list.empty() ? nullptr : d_list.as<int32_t>());
-    return to_host<bf16_t>(out.get(), n_out);
+    const Launch l(c, toks, q, max_ctx, tok_list);
+    DeviceBuffer scratch(l.scratch_bytes());
+    l.enqueue(scratch.get(), nullptr);
+    return l.output();
 }
 
 // Compares the listed tokens (all when `which` is empty) with the CPU reference.
@@ -210,7 +241,8 @@ TEST(CudaDecodeAttention, OtherShapes) {
 }
 
 // A token's output bytes are the same alone (max_ctx = its context) and among 23 other tokens with
-// a larger max_ctx, with and without tok_list, on the tensor-core and the generic kernel.
+// a larger max_ctx, with and without tok_list, on the tensor-core and the generic kernel (on an
+// H200's tensor cores the 24-token launch takes 4 splits per CTA, the others one).
 TEST(CudaDecodeAttention, BatchInvariantBitwise) {
     for (const Shape &s : {kDbrx, Shape{8, 2, 96}}) {
         std::vector<int32_t> lens{9000, 777, 1, 4096, 4097};
@@ -234,6 +266,74 @@ TEST(CudaDecodeAttention, BatchInvariantBitwise) {
         }
         expect_matches(c, toks, q, batch, "invariance batch", {0, 1, 2, 3, 4});
     }
+}
+
+// The fused merge's arrival counters must be back to zero after every launch: the same launches,
+// repeated on one scratch with other shapes in between, eagerly and as replays of a captured CUDA
+// graph, give the same bytes each time.
+TEST(CudaDecodeAttention, RepeatedLaunchesAndGraphReplay) {
+    std::vector<int32_t> lens{32768, 9000, 4097, 300, 1};
+    Cache c(kDbrx, lens, 61);
+    std::vector<Tok> toks;
+    for (size_t i = 0; i < lens.size(); ++i) toks.push_back({static_cast<int32_t>(i), lens[i] - 1});
+    const auto q = queries(kDbrx, toks.size(), 62);
+    const Launch big(c, toks, q, 32768);
+    const std::vector<Tok> few{toks[1], toks[3]};
+    const std::vector<float> q_few = queries(kDbrx, few.size(), 63);
+    const Launch small(c, few, q_few, 9000);
+    DeviceBuffer scratch(std::max(big.scratch_bytes(), small.scratch_bytes()));
+    Stream stream;
+
+    big.enqueue(scratch.get(), stream.get());
+    const auto first = big.output();
+    expect_matches(c, toks, q, first, "repeated launches");
+    small.enqueue(scratch.get(), stream.get());
+    const auto small_first = small.output();
+    for (int rep = 0; rep < 3; ++rep) {
+        big.enqueue(scratch.get(), stream.get());
+        EXPECT_TRUE(big.output() == first) << "eager launch " << rep << " differs from the first";
+        small.enqueue(scratch.get(), stream.get());
+        EXPECT_TRUE(small.output() == small_first) << "eager small launch " << rep << " differs from the first";
+    }
+
+    cudaGraph_t graph = nullptr;
+    // The graph holds the attention launch alone, as the backend's graphs hold it after a kernel.
+    DBRX_CUDA_CHECK(cudaStreamBeginCapture(stream.get(), cudaStreamCaptureModeThreadLocal));
+    big.enqueue(scratch.get(), stream.get(), false);
+    DBRX_CUDA_CHECK(cudaStreamEndCapture(stream.get(), &graph));
+    cudaGraphExec_t exec = nullptr;
+    DBRX_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int rep = 0; rep < 3; ++rep) {
+        big.enqueue(scratch.get(), stream.get(), true, false);
+        DBRX_CUDA_CHECK(cudaGraphLaunch(exec, stream.get()));
+        EXPECT_TRUE(big.output() == first) << "graph replay " << rep << " differs from the eager launch";
+        small.enqueue(scratch.get(), stream.get());  // a different launch between the replays
+        EXPECT_TRUE(small.output() == small_first) << "small launch after replay " << rep << " differs";
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+}
+
+// 9000 tokens with 8 KV heads take two slices of one counter bank (8192 tokens each): the tokens of
+// the second slice equal those of the first with the same context and queries, bitwise.
+TEST(CudaDecodeAttention, LaunchBeyondOneCounterBank) {
+    constexpr int32_t kLen = 600, kTokens = 9000;
+    Cache c(kDbrx, {kLen}, 71);
+    const auto q_pos = queries(kDbrx, kLen, 72);
+    const size_t row = static_cast<size_t>(kDbrx.H) * kDbrx.hd;
+    std::vector<Tok> toks;
+    std::vector<float> q;
+    for (int32_t i = 0; i < kTokens; ++i) {
+        const int32_t p = kLen - 1 - i % kLen;
+        toks.push_back({0, p});
+        q.insert(q.end(), q_pos.begin() + p * row, q_pos.begin() + (p + 1) * row);
+    }
+    const auto got = run(c, toks, q, kLen);
+    int32_t differing = 0;
+    for (int32_t i = kLen; i < kTokens; ++i)
+        differing += std::memcmp(got.data() + i * row, got.data() + (i % kLen) * row, row * sizeof(bf16_t)) != 0;
+    EXPECT_EQ(differing, 0) << "tokens differing from the same position's token in the first " << kLen;
+    expect_matches(c, toks, q, got, "9000 tokens", {0, 1, 300, 599, 8191, 8192, 8500, 8999});
 }
 
 }  // namespace

@@ -1,8 +1,11 @@
 // Causal paged attention for decode and short prefill chunks (GQA): the host entry points, the split
-// policy's grid bound, and the merge of split partial states (flash-decoding). The kernels live in
-// attention_mma.cu (tensor cores: DBRX and both fixtures) and attention_generic.cu (other shapes).
+// policy's grid bound, the fused merge's counter banks, and the merge kernel of the generic path's
+// split partial states (flash-decoding). The kernels live in attention_mma.cu (tensor cores: DBRX
+// and both fixtures; merges its own splits) and attention_generic.cu (other shapes).
 #include <algorithm>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "backend/cuda/attention_common.cuh"
 #include "backend/cuda/cuda_util.h"
@@ -13,8 +16,7 @@ namespace dbrx::cuda {
 namespace {
 
 // One block per (token slot, query head): combines the token's splits in split order, so the result
-// depends only on the token's own context. Tokens with a single split were written by the
-// tensor-core kernel itself when direct_single is set. The splits' (m, l) go to shared memory first
+// depends only on the token's own context. The splits' (m, l) go to shared memory first
 // and each thread keeps kUnroll partial outputs in flight, so long split lists are not latency-bound.
 constexpr int kMergeThreads = 128;
 constexpr int kUnroll = 8;
@@ -22,14 +24,13 @@ constexpr int32_t kMaxMergeSplits = 48 * 1024 / (2 * sizeof(float));
 
 __global__ void __launch_bounds__(kMergeThreads)
     attention_merge_kernel(const float *scratch, const int32_t *pos, int32_t n_heads, int32_t hd, int32_t splits,
-                           uint16_t *out, const int32_t *tok_list, bool direct_single) {
+                           uint16_t *out, const int32_t *tok_list) {
     extern __shared__ float ml[];  // m[splits], then l[splits]
     const int32_t slot = blockIdx.x, t = tok_list ? tok_list[slot] : slot, h = blockIdx.y;
     const int32_t ns = min(attn::n_splits(pos[t] + 1), splits);
-    if (direct_single && ns == 1) return;
     asm volatile("griddepcontrol.wait;\n" ::: "memory");  // the attention grid's partials are complete
     const float *p0 = attn::partial(const_cast<float *>(scratch), slot, n_heads, h, splits, 0, hd);
-    const int64_t stride = hd + 2;
+    const int64_t stride = attn::partial_stride(hd);
     float *ms = ml, *ls = ml + splits;
     for (int32_t s = threadIdx.x; s < ns; s += blockDim.x) {
         ms[s] = p0[s * stride];
@@ -45,7 +46,7 @@ __global__ void __launch_bounds__(kMergeThreads)
         for (int32_t s0 = 0; s0 < ns; s0 += kUnroll) {
             float v[kUnroll];
 #pragma unroll
-            for (int i = 0; i < kUnroll; ++i) v[i] = s0 + i < ns ? p0[(s0 + i) * stride + 2 + dim] : 0.f;
+            for (int i = 0; i < kUnroll; ++i) v[i] = s0 + i < ns ? p0[(s0 + i) * stride + attn::kPartialHead + dim] : 0.f;
 #pragma unroll
             for (int i = 0; i < kUnroll; ++i)
                 if (s0 + i < ns) A += v[i] * exp2f(ms[s0 + i] - M);
@@ -68,8 +69,33 @@ int32_t attention_splits(int32_t /*n_tokens*/, int32_t /*n_kv_heads*/, int32_t m
 }
 
 size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t splits) {
-    return static_cast<size_t>(n_tokens) * n_heads * splits * (head_dim + 2) * sizeof(float);
+    return static_cast<size_t>(n_tokens) * n_heads * splits * attn::partial_stride(head_dim) * sizeof(float);
 }
+
+namespace attn {
+
+int32_t counter_bank(cudaStream_t stream) {
+    struct Entry {
+        int dev;
+        cudaStream_t stream;
+        int32_t bank;
+    };
+    static std::mutex mu;
+    static std::vector<Entry> entries;
+    static int32_t next[64] = {};
+    int dev = 0;
+    DBRX_CUDA_CHECK(cudaGetDevice(&dev));
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Entry &e : entries)
+        if (e.dev == dev && e.stream == stream) return e.bank;
+    // A destroyed stream's handle may come back for a new stream: it then keeps the old bank, which
+    // no other live stream got after it unless more than kCounterBanks streams were seen.
+    const int32_t bank = next[dev & 63]++ % kCounterBanks;
+    entries.push_back({dev, stream, bank});
+    return bank;
+}
+
+}  // namespace attn
 
 void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
                int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream, const int32_t *tok_list) {
@@ -82,16 +108,13 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
         fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: " + std::to_string(n_heads) + " query heads do not group over " +
                                        std::to_string(kv.n_kv_heads) + " KV heads");
     attn::Launch a{q, n_heads, meta, kv, splits, static_cast<float *>(scratch), out, tok_list};
-    const bool direct = attn::launch_mma(a, n_tokens, stream);
-    if (!direct) {
-        if (kv.head_dim > 256 || n_heads / kv.n_kv_heads > 8)
-            fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: needs head_dim <= 256 and at most 8 query heads per KV head "
-                                       "(16 for head_dim 16/32/64/128), got " +
-                                           std::to_string(kv.head_dim) + " and " + std::to_string(n_heads) + "/" +
-                                           std::to_string(kv.n_kv_heads));
-        attn::launch_generic(a, n_tokens, stream);
-    }
-    if (splits == 1 && direct) return;  // every token had one split and was written by the kernel
+    if (attn::launch_mma(a, n_tokens, stream)) return;  // the tensor-core kernel merges its own splits
+    if (kv.head_dim > 256 || n_heads / kv.n_kv_heads > 8)
+        fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: needs head_dim <= 256 and at most 8 query heads per KV head "
+                                   "(16 for head_dim 16/32/64/128), got " +
+                                       std::to_string(kv.head_dim) + " and " + std::to_string(n_heads) + "/" +
+                                       std::to_string(kv.n_kv_heads));
+    attn::launch_generic(a, n_tokens, stream);
     // Programmatic dependent launch: the merge's launch overlaps the attention grid's tail.
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(n_tokens, n_heads);
@@ -104,8 +127,7 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
     DBRX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attention_merge_kernel, static_cast<const float *>(scratch), meta.pos,
-                                       n_heads, kv.head_dim, splits, reinterpret_cast<uint16_t *>(out), tok_list,
-                                       direct));
+                                       n_heads, kv.head_dim, splits, reinterpret_cast<uint16_t *>(out), tok_list));
 }
 
 }  // namespace dbrx::cuda

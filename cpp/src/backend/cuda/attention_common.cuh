@@ -35,11 +35,25 @@ __host__ __device__ __forceinline__ void split_range(int32_t ctx, int32_t s, int
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Partial state of one (token slot, query head, split): m (running max of the scores in log2
-// units), l (sum of 2^(s - m)), then head_dim unnormalised output accumulators.
+// units), l (sum of 2^(s - m)), two pad words so that the head_dim unnormalised output accumulators
+// that follow start 16-byte aligned (the fused merge reads them as float4).
+constexpr int32_t kPartialHead = 4;
+__host__ __device__ __forceinline__ int64_t partial_stride(int32_t hd) { return hd + kPartialHead; }
 __device__ __forceinline__ float *partial(float *scratch, int64_t slot, int32_t n_heads, int32_t head, int32_t splits,
                                           int32_t split, int32_t hd) {
-    return scratch + ((slot * n_heads + head) * splits + split) * (hd + 2);
+    return scratch + ((slot * n_heads + head) * splits + split) * partial_stride(hd);
 }
+
+// Arrival counters of the fused merge (attention_mma.cu): one per (token of a launch, KV head) in
+// one of kCounterBanks banks of kCounterBankSize, zero when the module loads. The last split CTA of
+// a (token, KV head) to arrive merges the splits and puts its counter back to zero, so every launch
+// (and every replay of a captured one) finds its counters zero. Each stream gets its own bank, so
+// launches on different streams never share a counter; a launch covers at most
+// kCounterBankSize / n_kv_heads tokens (larger ones go in slices of the same kernel).
+constexpr int32_t kCounterBanks = 8;
+constexpr int32_t kCounterBankSize = 64 * 1024;
+// The bank of `stream` on the current device (assigned on first use, round robin past kCounterBanks).
+int32_t counter_bank(cudaStream_t stream);
 
 struct Launch {
     const float *q;
@@ -47,13 +61,14 @@ struct Launch {
     TokenMeta meta;
     KvLayer kv;
     int32_t splits;
-    float *scratch;
+    float *scratch;  // partial states, partial_stride(hd) floats per (slot, head, split)
     uint16_t *out;
     const int32_t *tok_list;
 };
 
-// Tensor-core path (head_dim a multiple of 16 up to 128, up to 16 query heads per KV head). Writes
-// the output directly for tokens with one split; partials otherwise. Returns false if unsupported.
+// Tensor-core path (head_dim 16, 32, 64 or 128, up to 16 query heads per KV head): writes the output
+// itself (one split: directly; more: the last split CTA to finish merges the token's partials).
+// Returns false if unsupported.
 bool launch_mma(const Launch &a, int32_t n_tokens, cudaStream_t stream);
 // Generic fp32 path for any head_dim <= 256 and up to 8 query heads per KV head: always partials.
 void launch_generic(const Launch &a, int32_t n_tokens, cudaStream_t stream);

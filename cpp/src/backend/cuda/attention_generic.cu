@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kWarps * 32)
             out[0] = M * attn::kLog2e;
             out[1] = L;
         }
-        out[2 + dim] = A;
+        out[attn::kPartialHead + dim] = A;
     }
 }
 
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kChunk)
         float a = 0.f;
         for (int w = 0; w < kKeyWarps; ++w) a += accs[w][g][dim];
         float *out = attn::partial(scratch, slot, n_heads, kvh * G + g, splits, split, hd);
-        out[2 + dim] = a;
+        out[attn::kPartialHead + dim] = a;
     }
     if (tid == 0)
 #pragma unroll

@@ -4,7 +4,12 @@
 // heads of the KV head. Scores and P.V are mma.sync m16n8k16 bf16 products with the G query heads
 // as the rows (padded to 16), an online softmax in log2 units per warp, and the warps' states are
 // merged in a fixed order at the end. Tokens with one split write their output directly; longer
-// contexts leave a partial state per split for the merge kernel (attention.cu).
+// contexts leave a partial state per split, and the last split CTA of a (token, KV head) to finish
+// (an arrival counter that it resets) merges them in split order: no second kernel, and the merge
+// of one token overlaps the other CTAs' streaming. K/V tiles are loaded with an L2 evict-first
+// policy (read once) so that the partials and the block tables stay in L2. The kernel is launched
+// with programmatic dependent launch: it reads the token metadata and the first block-table entries
+// before waiting for the preceding kernel (which writes q and the new K/V, never the metadata).
 #include <algorithm>
 #include <atomic>
 
@@ -16,6 +21,9 @@ namespace dbrx::cuda {
 namespace {
 
 constexpr int kWarps = 4;
+
+// Arrival counters of the fused merge (attention_common.cuh: banks, reset by the last arrival).
+__device__ uint32_t g_counters[attn::kCounterBanks * attn::kCounterBankSize];
 constexpr int kTile = 16;  // keys per pipeline stage of a warp
 // Pipeline depth. Measured on the H200 (B=64 x 8192 keys, B=1 x 4096 / 32768): 3 stages at 2 CTAs per
 // SM and 2 stages at 3 CTAs per SM are within 0.5 % of each other; 4 stages (1 CTA per SM) lose 25 %.
@@ -27,18 +35,27 @@ template <int HD, int Stages> struct Smem {
     static constexpr int kStageElems = 2 * kTileElems;  // K tile, then V tile
     static constexpr int kWarpElems = Stages * kStageElems;
     static constexpr size_t kPipeBytes = size_t{kWarps} * kWarpElems * 2;
-    // After the main loop the same memory holds each warp's m[16], l[16] and o[16][HD + 8] floats.
-    static constexpr int kORow = HD + 8;
-    static constexpr size_t kMergeBytes = size_t{kWarps} * (32 + 16 * kORow) * 4;
-    static constexpr size_t kBytes = kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes;
+    // At the end of a split, each warp's m[16], l[16] and o[16][HD + 4] floats go to one of its own
+    // stages, the one it has just consumed (refilled only by its next iteration).
+    static constexpr int kORow = HD + 4;
+    static constexpr int kStateFloats = 32 + 16 * kORow;
+    static_assert(kStateFloats * 4 <= kStageElems * 2, "a warp's state must fit in one of its stages");
+    static constexpr size_t kBytes = kPipeBytes;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void *p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-// 16 bytes global -> shared, bypassing L1; zero-filled when !valid (nothing is read then).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+// 16 bytes global -> shared, bypassing L1, under L2 policy `pol`; zero-filled when !valid (nothing is
+// read then).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid, uint64_t pol) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0), "l"(pol));
+}
+__device__ __forceinline__ uint64_t evict_first_policy() {
+    uint64_t pol;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+    return pol;
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -74,19 +91,84 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Two CTAs per SM (104 KB of shared memory and 178 registers per thread at head_dim 128).
+// Run by the last split CTA of a token: combines the token's ns split states of the G query heads of
+// KV head kvh in split order (one warp per head, each lane a float4 of the head's dimensions; split
+// s's (m, l) on lane s % 32), so the output depends only on the token's own context. The first
+// batch of accumulators is loaded before the maxima are reduced (it does not depend on them).
+template <int HD>
+__device__ __forceinline__ void merge_splits(const float *scratch, int64_t slot, int32_t n_heads, int32_t G,
+                                             int32_t kvh, int32_t splits, int32_t ns, uint16_t *out, int32_t t) {
+    constexpr int kVec = HD / 4, kU = 16;  // kU divides 32: a batch never crosses a 32-split chunk
+    const int64_t stride = attn::partial_stride(HD);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const bool active = lane < kVec;
+    for (int32_t r = warp; r < G; r += kWarps) {
+        const int32_t h = kvh * G + r;
+        const float *p0 = attn::partial(const_cast<float *>(scratch), slot, n_heads, h, splits, 0, HD);
+        const float *a0 = p0 + attn::kPartialHead + 4 * lane;
+        float4 a[kU];
+        auto load = [&](int32_t s1) {
+#pragma unroll
+            for (int u = 0; u < kU; ++u)
+                a[u] = active && s1 + u < ns ? __ldcg(reinterpret_cast<const float4 *>(a0 + (s1 + u) * stride))
+                                             : make_float4(0.f, 0.f, 0.f, 0.f);
+        };
+        const float m_l = lane < ns ? __ldcg(p0 + lane * stride) : -INFINITY;
+        const float l_l = lane < ns ? __ldcg(p0 + lane * stride + 1) : 0.f;
+        load(0);
+        float mx = m_l;
+        for (int32_t s = lane + 32; s < ns; s += 32) mx = fmaxf(mx, __ldcg(p0 + s * stride));
+        const float M = warp_max(mx);
+        float ls = lane < ns ? l_l * exp2f(m_l - M) : 0.f;
+        for (int32_t s = lane + 32; s < ns; s += 32) ls += __ldcg(p0 + s * stride + 1) * exp2f(__ldcg(p0 + s * stride) - M);
+        const float L = warp_sum(ls);
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int32_t s0 = 0; s0 < ns; s0 += 32) {
+            const float f = s0 == 0 ? (lane < ns ? exp2f(m_l - M) : 0.f)
+                                    : (s0 + lane < ns ? exp2f(__ldcg(p0 + (s0 + lane) * stride) - M) : 0.f);
+            for (int32_t i = 0; i < 32 && s0 + i < ns; i += kU) {
+                if (s0 + i > 0) load(s0 + i);
+#pragma unroll
+                for (int u = 0; u < kU; ++u) {
+                    const float fu = __shfl_sync(0xffffffffu, f, i + u);
+                    acc.x = fmaf(fu, a[u].x, acc.x);
+                    acc.y = fmaf(fu, a[u].y, acc.y);
+                    acc.z = fmaf(fu, a[u].z, acc.z);
+                    acc.w = fmaf(fu, a[u].w, acc.w);
+                }
+            }
+        }
+        if (active) {
+            const uint2 v{pack_bf16(acc.x / L, acc.y / L), pack_bf16(acc.z / L, acc.w / L)};
+            *reinterpret_cast<uint2 *>(out + (static_cast<int64_t>(t) * n_heads + h) * HD + 4 * lane) = v;
+        }
+    }
+}
+
+// Two CTAs per SM (104 KB of shared memory and about 180 registers per thread at head_dim 128). A CTA
+// takes `per_cta` consecutive splits of its token (fewer, longer CTAs for large launches: one
+// start-up and one pipeline fill for several splits). Every split but a token's last one is a whole
+// multiple of kWarps tiles, so each split's state is computed exactly as by a CTA of its own: the
+// bytes do not depend on per_cta.
 template <int HD>
 __global__ void __launch_bounds__(kWarps * 32, 2)
-    decode_mma_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, float qscale,
-                      float *scratch, uint16_t *out, const int32_t *tok_list, int32_t slot0) {
+    decode_mma_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, int32_t per_cta,
+                      float qscale, float *scratch, uint16_t *out, const int32_t *tok_list, int32_t slot0,
+                      int32_t bank) {
     using S = Smem<HD, kStages>;
     extern __shared__ __align__(16) uint16_t smem[];
-    const int32_t kvh = blockIdx.x, split = blockIdx.y, slot = slot0 + static_cast<int32_t>(blockIdx.z);
+    const int32_t kvh = blockIdx.x, slot = slot0 + static_cast<int32_t>(blockIdx.z);
     const int32_t t = tok_list ? tok_list[slot] : slot;
     const int32_t ctx = meta.pos[t] + 1;
-    int32_t begin, end;
-    attn::split_range(ctx, split, splits, begin, end);
-    if (begin >= end) return;  // past this token's last split
+    const int32_t ns = min(attn::n_splits(ctx), splits);  // the token's non-empty splits
+    const int32_t s_lo = static_cast<int32_t>(blockIdx.y) * per_cta;
+    if (s_lo >= ns) return;  // past this token's last split
+    const int32_t s_hi = min(s_lo + per_cta, ns);
+    int32_t begin, end, unused;
+    attn::split_range(ctx, s_lo, splits, begin, unused);
+    attn::split_range(ctx, s_hi - 1, splits, unused, end);
+    // Tiles per warp in a whole split (split lengths are multiples of kWarps * kTile = 64 keys).
+    const int32_t per_split = attn::split_len(ctx) / (kWarps * kTile);
     const int32_t G = n_heads / kv.n_kv_heads, bs = kv.block_size;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
@@ -94,6 +176,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     const int32_t n_tiles = (end - begin + kTile - 1) / kTile;
     const int32_t n_my = n_tiles > warp ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
     uint16_t *wsm = smem + warp * S::kWarpElems;
+    const uint64_t pol = evict_first_policy();  // K/V are read once
     // Lane r < 16 finds the cache offset of key r of this warp's k-th tile (one lookup ahead of use).
     auto lookup = [&](int32_t k, int64_t &off, bool &ok) {
         const int32_t j = begin + (warp + kWarps * k) * kTile + lane;
@@ -111,27 +194,85 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
             const int64_t o = __shfl_sync(0xffffffffu, off, r);
             const bool v = __shfl_sync(0xffffffffu, static_cast<int>(ok), r) != 0;
             const uint16_t *src = kv.base + o + ch * 8;
-            cp_async16(smem_u32(ks + r * S::kRow + ch * 8), src, v);
-            cp_async16(smem_u32(vs + r * S::kRow + ch * 8), src + kv.v_offset, v);
+            cp_async16(smem_u32(ks + r * S::kRow + ch * 8), src, v, pol);
+            cp_async16(smem_u32(vs + r * S::kRow + ch * 8), src + kv.v_offset, v, pol);
         }
     };
 
     float o[HD / 8][4];
+    float m0, m1, l0, l1;  // rows g and g + 8; l: this lane's share
+    auto reset = [&] {
 #pragma unroll
-    for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8; l: this lane's share
+        for (int n = 0; n < HD / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+        m0 = m1 = -INFINITY;
+        l0 = l1 = 0.f;
+    };
+    reset();
+    // Warp w's state at the end of a split: m[16], l[16], o[16][kORow] floats in its stage `stage`.
+    auto state = [&](int w, int stage) {
+        return reinterpret_cast<float *>(smem + w * S::kWarpElems + stage * S::kStageElems);
+    };
+    auto store_state = [&](int stage) {
+        float *ms = state(warp, stage), *ls = ms + 16, *os = ls + 16;
+        const float lq0 = quad_sum(l0), lq1 = quad_sum(l1);
+        if (c == 0) {
+            ms[g] = m0;
+            ms[g + 8] = m1;
+            ls[g] = lq0;
+            ls[g + 8] = lq1;
+        }
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            float *r0 = os + g * S::kORow + n * 8 + 2 * c, *r1 = r0 + 8 * S::kORow;
+            *reinterpret_cast<float2 *>(r0) = make_float2(o[n][0], o[n][1]);
+            *reinterpret_cast<float2 *>(r1) = make_float2(o[n][2], o[n][3]);
+        }
+    };
+    // Merges the warps' stored states in warp order into split `sp`'s partial state (or, for a token
+    // with one split, its output). The caller synchronises the CTA before and after.
+    auto combine = [&](int stage, int32_t sp) {
+        for (int32_t idx = threadIdx.x; idx < G * HD; idx += kWarps * 32) {
+            const int32_t r = idx / HD, dim = idx % HD;
+            float M = state(0, stage)[r];
+#pragma unroll
+            for (int w = 1; w < kWarps; ++w) M = fmaxf(M, state(w, stage)[r]);
+            float L = 0.f, A = 0.f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) {
+                const float *ws = state(w, stage);
+                const float f = exp2f(ws[r] - M);  // 0 for a warp without tiles (m = -inf)
+                L += ws[16 + r] * f;
+                A += ws[32 + r * S::kORow + dim] * f;
+            }
+            const int32_t h = kvh * G + r;
+            if (ns == 1) {
+                out[(static_cast<int64_t>(t) * n_heads + h) * HD + dim] = f2bf(A / L);
+            } else {
+                float *p = attn::partial(scratch, slot, n_heads, h, splits, sp, HD);
+                if (dim == 0) {
+                    p[0] = M;
+                    p[1] = L;
+                }
+                p[attn::kPartialHead + dim] = A;
+            }
+        }
+    };
 
-    int64_t off;
-    bool ok;
-    lookup(0, off, ok);
+    // The first kStages tiles' block-table entries, all in flight at once.
+    int64_t offs[kStages];
+    bool oks[kStages];
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) lookup(s, offs[s], oks[s]);
+    // Everything above read only the token metadata; q and the cache (the new token's K/V) come from
+    // the preceding kernel.
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < n_my) {
-            issue(s, off, ok);
-            lookup(s + 1, off, ok);
-        }
+        if (s < n_my) issue(s, offs[s], oks[s]);
         cp_commit();
     }
+    int64_t off = offs[kStages - 1];
+    bool ok = oks[kStages - 1];
     // Q as the A operand: rows are the group's query heads (zero past G), scaled into log2 units;
     // loaded once the first tiles are in flight.
     uint32_t qf[HD / 16][4];
@@ -211,56 +352,60 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
             mma_bf16(o[2 * d], pa, b[0], b[1]);
             mma_bf16(o[2 * d + 1], pa, b[2], b[3]);
         }
+        // A whole split of the range ends with this tile (at the same k in every warp): its state
+        // goes to the stage just consumed, which the next iteration refills only after the merge.
+        if ((k + 1) % per_split == 0 && k + 1 < (s_hi - s_lo) * per_split) {
+            const int stage = k % kStages;
+            __syncwarp();  // every lane's ldmatrix reads of the stage are done
+            store_state(stage);
+            __syncthreads();
+            combine(stage, s_lo + (k + 1) / per_split - 1);
+            __syncthreads();
+            reset();
+        }
         __syncwarp();  // this stage is refilled by the next iteration's issue
     }
     cp_wait<0>();
-    // The merge kernel (launched with programmatic dependent launch) may start its blocks once every
-    // CTA got here; it still waits for this grid to complete before reading the partials.
+    // A kernel launched after this one with programmatic dependent launch may start its blocks once
+    // every CTA got here (the last wave); it still waits for this grid to complete before its reads.
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    l0 = quad_sum(l0);
-    l1 = quad_sum(l1);
+    // The range's last split: every stage is free now.
+    store_state(0);
+    __syncthreads();
+    combine(0, s_hi - 1);
+    if (ns == 1) return;
+    // Publish the range's split states, then count them in; the last arrival merges and resets the
+    // counter (every other split of the token has counted itself in by then).
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) {
+        uint32_t *ctr = g_counters + static_cast<int64_t>(bank) * attn::kCounterBankSize +
+                        static_cast<int64_t>(blockIdx.z) * kv.n_kv_heads + kvh;
+        last = atomicAdd(ctr, static_cast<uint32_t>(s_hi - s_lo)) == static_cast<uint32_t>(ns - (s_hi - s_lo));
+        if (last) atomicExch(ctr, 0u);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // the other splits' partials, published before their arrivals, are visible
+    merge_splits<HD>(scratch, slot, n_heads, G, kvh, splits, ns, out, t);
+}
 
-    // Merge the warps' states in warp order through shared memory (reusing the pipeline's).
-    __syncthreads();
-    float *ms = reinterpret_cast<float *>(smem), *ls = ms + kWarps * 16, *os = ls + kWarps * 16;
-    if (c == 0) {
-        ms[warp * 16 + g] = m0;
-        ms[warp * 16 + g + 8] = m1;
-        ls[warp * 16 + g] = l0;
-        ls[warp * 16 + g + 8] = l1;
+// Waves of CTAs below which a launch gets no more splits per CTA (the last wave's idle SMs and each
+// CTA's start-up weigh less than with fewer, longer CTAs).
+constexpr int kMinWaves = 4;
+
+int32_t sm_count(int dev) {
+    static std::atomic<int32_t> counts[64] = {};
+    std::atomic<int32_t> &n = counts[dev & 63];
+    int32_t v = n.load(std::memory_order_relaxed);
+    if (v == 0) {
+        int sms = 0;
+        DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        v = std::max(1, sms);
+        n.store(v, std::memory_order_relaxed);
     }
-#pragma unroll
-    for (int n = 0; n < HD / 8; ++n) {
-        float *r0 = os + (warp * 16 + g) * S::kORow + n * 8 + 2 * c, *r1 = r0 + 8 * S::kORow;
-        *reinterpret_cast<float2 *>(r0) = make_float2(o[n][0], o[n][1]);
-        *reinterpret_cast<float2 *>(r1) = make_float2(o[n][2], o[n][3]);
-    }
-    __syncthreads();
-    const bool single = attn::n_splits(ctx) == 1 || splits == 1;
-    for (int32_t idx = threadIdx.x; idx < G * HD; idx += kWarps * 32) {
-        const int32_t r = idx / HD, dim = idx % HD;
-        float M = ms[r];
-#pragma unroll
-        for (int w = 1; w < kWarps; ++w) M = fmaxf(M, ms[w * 16 + r]);
-        float L = 0.f, A = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-            const float f = exp2f(ms[w * 16 + r] - M);  // 0 for a warp without tiles (m = -inf)
-            L += ls[w * 16 + r] * f;
-            A += os[(w * 16 + r) * S::kORow + dim] * f;
-        }
-        const int32_t h = kvh * G + r;
-        if (single) {
-            out[(static_cast<int64_t>(t) * n_heads + h) * HD + dim] = f2bf(A / L);
-        } else {
-            float *p = attn::partial(scratch, slot, n_heads, h, splits, split, HD);
-            if (dim == 0) {
-                p[0] = M;
-                p[1] = L;
-            }
-            p[2 + dim] = A;
-        }
-    }
+    return v;
 }
 
 template <int HD> void launch(const attn::Launch &a, int32_t n_tokens, cudaStream_t stream) {
@@ -276,14 +421,30 @@ template <int HD> void launch(const attn::Launch &a, int32_t n_tokens, cudaStrea
         raised.fetch_or(bit, std::memory_order_acq_rel);
     }
     const float qscale = attn::kLog2e / sqrtf(static_cast<float>(HD));
-    // Grid z is limited to 65535: larger launches go in slices of tokens (the same kernel, so a
-    // token's bytes still do not depend on the launch size).
-    constexpr int32_t kMaxZ = 65535;
-    for (int32_t slot0 = 0; slot0 < n_tokens; slot0 += kMaxZ) {
-        const dim3 grid(a.kv.n_kv_heads, a.splits, std::min(kMaxZ, n_tokens - slot0));
-        decode_mma_kernel<HD><<<grid, kWarps * 32, kBytes, stream>>>(a.q, a.n_heads, a.meta, a.kv, a.splits, qscale,
-                                                                      a.scratch, a.out, a.tok_list, slot0);
-        DBRX_CUDA_LAUNCH_CHECK();
+    const int32_t bank = attn::counter_bank(stream);
+    // Grid z is limited to 65535 and a counter bank to kCounterBankSize (token, KV head) pairs:
+    // larger launches go in slices of tokens (the same kernel, so a token's bytes still do not depend
+    // on the launch size; the slices run in stream order and reuse the bank's counters).
+    const int32_t max_z = std::max(1, std::min(65535, attn::kCounterBankSize / a.kv.n_kv_heads));
+    cudaLaunchAttribute attr{};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.blockDim = dim3(kWarps * 32);
+    cfg.dynamicSmemBytes = kBytes;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    for (int32_t slot0 = 0; slot0 < n_tokens; slot0 += max_z) {
+        const int32_t n_z = std::min(max_z, n_tokens - slot0);
+        // Several splits per CTA while the grid keeps at least kMinWaves waves of 2 CTAs per SM.
+        int32_t per_cta = 1;
+        auto ctas = [&](int32_t f) { return int64_t{a.kv.n_kv_heads} * ((a.splits + f - 1) / f) * n_z; };
+        while (2 * per_cta <= a.splits && ctas(2 * per_cta) >= int64_t{kMinWaves} * 2 * sm_count(dev))
+            per_cta *= 2;
+        cfg.gridDim = dim3(a.kv.n_kv_heads, (a.splits + per_cta - 1) / per_cta, n_z);
+        DBRX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_mma_kernel<HD>, a.q, a.n_heads, a.meta, a.kv, a.splits,
+                                           per_cta, qscale, a.scratch, a.out, a.tok_list, slot0, bank));
     }
 }
 

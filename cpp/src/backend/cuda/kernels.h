@@ -53,6 +53,9 @@ void qkv_epilogue(const float *qkv, int32_t n_tokens, int32_t n_heads, float cli
 // attention_splits gives the grid bound for contexts up to max_ctx (it ignores n_tokens and
 // n_kv_heads); a launch may use a larger bound (a bucketed max_ctx) and be replayed in a CUDA graph.
 // tok_list (nullable) restricts the call to n_tokens listed tokens (indices into the step's tokens).
+// The tensor-core path overlaps its start with the preceding kernel (programmatic dependent launch):
+// it reads `meta` and tok_list before waiting for that kernel, so they must not be written by the
+// kernel enqueued just before attention() (q and the KV cache may be). scratch needs no zeroing.
 int32_t attention_splits(int32_t n_tokens, int32_t n_kv_heads, int32_t max_ctx);
 size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_dim, int32_t splits);
 void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
