@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/mma_ptx.cuh"
 
 namespace dbrx::cuda::wgfa {
 
@@ -40,9 +41,6 @@ struct Cfg {
     static_assert((BN == 64 || BN == 128) && ST >= 2 && kSmem <= 227 * 1024);
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 // Byte offset of 16-byte chunk c (0..15) of row r in a [rows][128] bf16 tile stored as two column halves
 // of 128-byte rows, swizzled as wgmma's 128-byte mode expects (chunk bits ^= row bits mod 8).
 __device__ __forceinline__ uint32_t swz(int rows, int r, int c) {
@@ -55,13 +53,12 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t addr, uint32_t lbo, uint3
            (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
-// 16 bytes global -> shared, bypassing L1; zero-filled (src not read) when `zero`.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool zero) {
+// 16 bytes global -> shared, bypassing L1; zero-filled (src not read) when `zero`. The ignore-src
+// predicate form, unlike mma_ptx.cuh's cp_async16 (src-size operand).
+__device__ __forceinline__ void cp_async16_or_zero(uint32_t dst, const void *src, bool zero) {
     asm volatile("{\n.reg .pred z;\nsetp.ne.b32 z, %2, 0;\ncp.async.cg.shared.global [%0], [%1], 16, z;\n}\n" ::"r"(dst),
                  "l"(src), "r"(static_cast<int>(zero)));
 }
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 // Generic-proxy writes (st.shared, cp.async) made visible to the async proxy (wgmma operand reads).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -115,15 +112,6 @@ __device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[64], const uint32_t 
 // most this stale, so P stays <= 2^8 and O is rescaled rarely once a row's max settles.
 constexpr float kLazy = 8.f;
 
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t *>(&v);
-}
 template <int BN> __device__ __forceinline__ void wgmma_s(float (&s)[BN / 2], uint64_t da, uint64_t db, int scale_d) {
     if constexpr (BN == 128) wgmma_ss_n128(s, da, db, scale_d);
     else wgmma_ss_n64(s, da, db, scale_d);
@@ -137,7 +125,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     constexpr int HD = C::kHd, BN = C::kBN, BM = C::kBM, ST = C::kStages, NT = C::kThreads;
     constexpr uint32_t TB = C::kTileBytes;
     extern __shared__ unsigned char smem_raw[];
-    const uint32_t raw = smem_addr(smem_raw);
+    const uint32_t raw = smem_u32(smem_raw);
     const uint32_t sq = (raw + 1023u) & ~1023u;  // swizzle atoms must be 1024-byte aligned
     unsigned char *const gq = smem_raw + (sq - raw);
     const uint32_t sk = sq + C::kQBytes, sv = sk + ST * TB;  // [ST] K tiles, [ST] V tiles
@@ -178,7 +166,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
         for (int it = 0; it < BN / kRowsPerPass; ++it) {
             const int64_t off = offs[it * kRowsPerPass];
-            cp_async16(dst + dst_lane + it * kRowsPerPass * 128, lane_base + (off < 0 ? 0 : off), off < 0);
+            cp_async16_or_zero(dst + dst_lane + it * kRowsPerPass * 128, lane_base + (off < 0 ? 0 : off), off < 0);
         }
     };
     // Load group g: K tile g and V tile g-1 (see the header comment), always committed, empty or not.

@@ -8,6 +8,7 @@
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/device_math.cuh"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/mma_ptx.cuh"
 
 namespace dbrx::cuda {
 namespace {
@@ -18,14 +19,6 @@ constexpr int kBK = 64;  // 128 bytes of each weight row per stage
 constexpr int kPadK = kBK + 8;  // smem row stride (elements) of K-major tiles: ldmatrix without bank conflicts
 constexpr int kPadN = kBN + 8;  // smem row stride of the N-major W2 tile
 
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ uint64_t evict_first_policy() {
-    uint64_t p;
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-    return p;
-}
 // Weights are read once: ask L2 to drop them first so the activations (re-read by every N tile)
 // stay, and to fetch 256 bytes of the row at a time (the next stage reads the other half).
 __device__ __forceinline__ void cp_async_stream(uint32_t dst, const void *src, uint64_t policy) {
@@ -34,27 +27,6 @@ __device__ __forceinline__ void cp_async_stream(uint32_t dst, const void *src, u
 }
 __device__ __forceinline__ void cp_async(uint32_t dst, const void *src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 template <bool UP, int MI> struct Tile {
@@ -137,14 +109,14 @@ __global__ void __launch_bounds__(kThreads, MI >= 8 ? 1 : 2)
 #pragma unroll
         for (int s = 0; s < kStages - 1; ++s) {
             if (s < KT) load(s, s);
-            cp_async_commit();
+            cp_commit();
         }
         for (int32_t kt = 0; kt < KT; ++kt) {
-            cp_async_wait<kStages - 2>();
+            cp_wait<kStages - 2>();
             __syncthreads();
             const int32_t pf = kt + kStages - 1;
             if (pf < KT) load(pf % kStages, pf);
-            cp_async_commit();
+            cp_commit();
             const int stage = kt % kStages;
             const uint32_t sa = smem_base + 2u * stage * Cfg::kStageElems;
             const uint32_t sb = sa + 2u * Cfg::kAElems;
@@ -178,7 +150,7 @@ __global__ void __launch_bounds__(kThreads, MI >= 8 ? 1 : 2)
                 }
             }
         }
-        cp_async_wait<0>();
+        cp_wait<0>();
 
         // Epilogue: c0,c1 at (row lane/4, cols 2*(lane%4) + {0,1}); c2,c3 eight rows below.
 #pragma unroll
