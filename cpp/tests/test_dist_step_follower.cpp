@@ -290,6 +290,28 @@ TEST(DistStepFollower, FollowerFailureFailsTheLeaderFast) {
     EXPECT_EQ(p.lead->recorded().size(), 1u);
 }
 
+// Process 0's own ranks fail: a follower waiting in that step's collectives is released at once.
+TEST(DistStepFollower, LeaderFailureReleasesTheFollowers) {
+    Pair p;
+    p.lead->fatal_token = 21;
+    p.follow.hang_token = 21;
+    auto pool = p.leader->create_kv_pool(4, 4);
+    const std::vector<int32_t> t{21}, b{0};
+    std::vector<float> logits(8);
+    const auto start = Clock::now();
+    EXPECT_THROW(p.leader->forward(*pool, std::vector<SeqStep>{{t, 0, b, true}}, logits.data()), Error);
+    const std::string e = p.follower_error(DBRX_ERR_ENGINE_DEAD);
+    EXPECT_LT(Clock::now() - start, 5s) << "the follower waited for its own timeout";
+    EXPECT_TRUE(has(e, "collective aborted: process 0 closed its step channel")) << e;
+    try {
+        p.leader->forward(*pool, std::vector<SeqStep>{{t, 1, b, true}}, logits.data());
+        ADD_FAILURE() << "a step ran after process 0 failed";
+    } catch (const Error &err) {
+        EXPECT_EQ(err.status(), DBRX_ERR_ENGINE_DEAD);
+        EXPECT_TRUE(has(err.what(), "process 0's step failed: recorder: injected rank failure")) << err.what();
+    }
+}
+
 // A follower killed while process 0 is idle: process 0's collectives are aborted right away and its
 // next step fails naming the follower, without running.
 TEST(DistStepFollower, FollowerThatDisappearsIsNamed) {

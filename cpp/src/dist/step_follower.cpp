@@ -110,6 +110,8 @@ FollowerStats serve_follower(StepConnection &leader, Backend &backend, int32_t n
             switch (f.type) {
                 case StepMsg::Heartbeat: break;
                 case StepMsg::Shutdown: return stats;
+                case StepMsg::Failed:  // process 0's own ranks died
+                    die("process 0 failed: " + decode_reply(f.payload).message, false);
                 case StepMsg::CreatePool: {
                     const StepPoolCommand c = decode_pool(f.payload);
                     if (pools.count(c.pool)) die("process 0 created pool " + num(c.pool) + " twice", true);

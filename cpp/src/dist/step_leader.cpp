@@ -169,11 +169,12 @@ void LeaderLink::watch_loop() {
     }
 }
 
-void LeaderLink::shutdown() noexcept {
+void LeaderLink::close(const std::optional<std::string> &failure) noexcept {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         if (closed_) return;
         closed_ = true;
+        if (failure && !lost_) lost_ = *failure;
     }
     cv_.notify_all();
     const char byte = 1;
@@ -183,12 +184,15 @@ void LeaderLink::shutdown() noexcept {
     if (watcher_.joinable()) watcher_.join();
     const bool healthy = !lost().has_value();
     for (auto &c : conns_) {
-        if (healthy) {
-            try {
-                c->send(StepMsg::Shutdown, {}, std::min(options_.io_timeout, std::chrono::milliseconds(5000)));
-            } catch (const Error &) {
-                // Gone already: it finds out through its own closed connection.
+        try {
+            const auto timeout = std::min(options_.io_timeout, std::chrono::milliseconds(5000));
+            if (failure) {
+                c->send(StepMsg::Failed, encode(StepReply{DBRX_ERR_ENGINE_DEAD, 0, *failure}), timeout);
+            } else if (healthy) {
+                c->send(StepMsg::Shutdown, {}, timeout);
             }
+        } catch (const std::exception &) {
+            // Gone already: it finds out through its own closed connection.
         }
         c->shutdown();
     }
@@ -275,9 +279,11 @@ auto LeaderBackend::step(KvPool &pool, std::span<const SeqStep> batch, bool summ
     try {
         return run(lp->inner());
     } catch (const Error &e) {
+        if (e.status() != DBRX_ERR_ENGINE_DEAD) throw;  // this batch only, on every process alike
         const std::optional<std::string> lost = link_->lost();
-        if (e.status() == DBRX_ERR_ENGINE_DEAD && lost)
-            fail(DBRX_ERR_ENGINE_DEAD, std::string(e.what()) + " [multi-process group: " + *lost + "]");
+        // This process's ranks are dead: the followers must not wait for them in the collectives.
+        link_->abandon(std::string("process 0's step failed: ") + e.what());
+        if (lost) fail(DBRX_ERR_ENGINE_DEAD, std::string(e.what()) + " [multi-process group: " + *lost + "]");
         throw;
     }
 }

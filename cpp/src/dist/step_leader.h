@@ -53,9 +53,13 @@ public:
     std::vector<StepReply> collect_replies();
     // Stops the watcher, tells the live followers to stop serving (Shutdown) and closes the
     // connections. Idempotent; later broadcasts fail.
-    void shutdown() noexcept;
+    void shutdown() noexcept { close(std::nullopt); }
+    // Process 0 failed (its own step died): tells the live followers why (Failed) instead of
+    // Shutdown and closes, so a follower waiting in that step's collectives aborts at once.
+    void abandon(const std::string &why) noexcept { close(why); }
 
 private:
+    void close(const std::optional<std::string> &failure) noexcept;
     void watch();
     void watch_loop();
     void mark_lost(const std::string &reason);
