@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/flash_prefill_common.cuh"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/mma_ptx.cuh"
 
@@ -39,9 +40,6 @@ struct Cfg {
     static_assert(HD % 16 == 0 && BN % 16 == 0 && BN <= kThreads && STAGES >= 2);
 };
 
-// Running-max slack in log2 units: exponentials are taken against a max at most this stale.
-constexpr float kLazy = 8.f;
-
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     flash_prefill_kernel(const float *__restrict__ q, int32_t n_heads, int32_t n_tiles, const int32_t *__restrict__ tiles,
@@ -53,15 +51,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     __nv_bfloat16 *sk = sq + BM * LD;  // [ST][BN][LD]
     __nv_bfloat16 *sv = sk + ST * BN * LD;
 
-    // Heads fastest, so the query heads of one KV group run side by side (K/V reused from L2);
-    // tiles in reverse, so the latest (heaviest, causal) tiles start first.
-    const int32_t h = static_cast<int32_t>(blockIdx.x % n_heads);
-    const int32_t *tile = tiles + 4 * (n_tiles - 1 - static_cast<int32_t>(blockIdx.x / n_heads));
-    const int32_t sqn = tile[0], tok0 = tile[1], n_rows = tile[2], pos0 = tile[3];
-    const int32_t kvh = h / (n_heads / kv.n_kv_heads), bs = kv.block_size;
-    const int32_t *table = meta.blocks + meta.block_off[sqn];
-    const int32_t last = pos0 + n_rows - 1;
-    const int32_t n_kt = last / BN + 1;
+    const flash_common::TileWork tw = flash_common::tile_work<BN>(n_heads, n_tiles, tiles, meta, kv);
+    const int32_t h = tw.h, tok0 = tw.tok0, n_rows = tw.n_rows, pos0 = tw.pos0, kvh = tw.kvh, bs = tw.bs;
+    const int32_t *table = tw.table;
+    const int32_t last = tw.last, n_kt = tw.n_kt;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
     // (block, slot) of each key of a tile, published one iteration before the tile's copies.
@@ -98,24 +91,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     }
     if (tid < BN) kmap[(ST - 1) % 2][tid] = key_place((ST - 1) * BN + tid);
 
-    // Q: fp32 -> scaled bf16; rows past n_rows are zero. Unrolled so that the loads are in flight together.
-    {
-        constexpr int kVecs = HD / 8;
-        static_assert(BM * kVecs % NT == 0);
-#pragma unroll
-        for (int it = 0; it < BM * kVecs / NT; ++it) {
-            const int i = tid + it * NT, r = i / kVecs, c = i % kVecs;
-            uint4 w = make_uint4(0, 0, 0, 0);
-            if (r < n_rows) {
-                const float4 *src =
-                    reinterpret_cast<const float4 *>(q + (static_cast<int64_t>(tok0 + r) * n_heads + h) * HD + c * 8);
-                const float4 a = __ldg(src), b = __ldg(src + 1);
-                w = make_uint4(pack_bf16(a.x * qscale, a.y * qscale), pack_bf16(a.z * qscale, a.w * qscale),
-                               pack_bf16(b.x * qscale, b.y * qscale), pack_bf16(b.z * qscale, b.w * qscale));
-            }
-            *reinterpret_cast<uint4 *>(sq + r * LD + c * 8) = w;
-        }
-    }
+    // Q: fp32 -> scaled bf16; rows past n_rows are zero.
+    flash_common::load_q_tile<HD, BM, NT>(q, n_heads, h, tok0, n_rows, qscale, tid,
+                                          [&](int r, int c) { return reinterpret_cast<uint4 *>(sq + r * LD + c * 8); });
     __syncthreads();
 
     const int row0 = warp * 16 * MT;  // this warp's first row in the tile
@@ -207,9 +185,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
                     float mx = m[mt][hr];
 #pragma unroll
                     for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hr], s[mt][n][2 * hr + 1]));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    const float m_new = mx > m[mt][hr] + kLazy ? mx : m[mt][hr];  // first tile: m = -inf
+                    mx = quad_max(mx);
+                    const float m_new = mx > m[mt][hr] + flash_common::kLazy ? mx : m[mt][hr];  // first tile: m = -inf
                     corr[mt][hr] = ex2(m[mt][hr] - m_new);
                     rescale |= corr[mt][hr] != 1.f;
                     m[mt][hr] = m_new;
@@ -265,9 +242,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-            float sum = l[mt][hr];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            const float sum = quad_sum(l[mt][hr]);
             const int r = row0 + mt * 16 + g + hr * 8;
             if (r >= n_rows) continue;
             const float inv = 1.f / sum;

@@ -1,11 +1,11 @@
 // Prefill flash attention on wgmma: host side of flash_prefill_wgmma_kernel.cuh. One CTA per (tile of
 // kFlashTile query rows, query head), the tiles as flash_prefill takes them.
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <string>
 
 #include "backend/cuda/cuda_util.h"
+#include "backend/cuda/flash_prefill_common.cuh"
 #include "backend/cuda/flash_prefill_wgmma.h"
 #include "backend/cuda/flash_prefill_wgmma_kernel.cuh"
 
@@ -50,17 +50,11 @@ void launch(const float *q, int32_t n_tiles, int32_t n_heads, const int32_t *til
             bf16_t *out, cudaStream_t stream) {
     if (!usable<C>()) invalid_argument("flash_prefill_wgmma: needs an sm_90 device and a build with sm_90a");
     static std::atomic<uint32_t> smem_set{0};
-    allow_max_dynamic_smem(kernel_of<C>(), smem_set);
-    // log2(e) folded into the softmax scale: the kernel exponentiates with exp2.
-    const float qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(C::kHd));
-    const int64_t blocks = static_cast<int64_t>(n_tiles) * n_heads;
-    if (blocks > 0x7fffffff) invalid_argument("flash_prefill_wgmma: " + std::to_string(blocks) + " blocks in one launch");
-    flash_wgmma_kernel<C><<<static_cast<uint32_t>(blocks), C::kThreads, C::kSmem, stream>>>(q, n_heads, n_tiles, tiles,
-                                                                                          meta, kv, qscale, out);
-    DBRX_CUDA_LAUNCH_CHECK();
+    flash_common::launch<C>("flash_prefill_wgmma", flash_wgmma_kernel<C>, smem_set, q, n_tiles, n_heads, tiles, meta, kv,
+                            out, stream);
 }
 
-using Launch = void (*)(const float *, int32_t, int32_t, const int32_t *, TokenMeta, KvLayer, bf16_t *, cudaStream_t);
+using flash_common::Launch;
 struct Variant {
     const char *name;
     Launch fn;

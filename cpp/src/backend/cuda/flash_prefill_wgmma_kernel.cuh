@@ -20,6 +20,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/flash_prefill_common.cuh"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/mma_ptx.cuh"
 
@@ -108,10 +109,6 @@ __device__ __forceinline__ void wgmma_rs_n128_tb(float (&d)[64], const uint32_t 
 }
 
 
-// Running-max slack in log2 units, as in the mma.sync kernel: exponentials are taken against a max at
-// most this stale, so P stays <= 2^8 and O is rescaled rarely once a row's max settles.
-constexpr float kLazy = 8.f;
-
 template <int BN> __device__ __forceinline__ void wgmma_s(float (&s)[BN / 2], uint64_t da, uint64_t db, int scale_d) {
     if constexpr (BN == 128) wgmma_ss_n128(s, da, db, scale_d);
     else wgmma_ss_n64(s, da, db, scale_d);
@@ -130,15 +127,10 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     unsigned char *const gq = smem_raw + (sq - raw);
     const uint32_t sk = sq + C::kQBytes, sv = sk + ST * TB;  // [ST] K tiles, [ST] V tiles
 
-    // Heads fastest (the query heads of a KV group share K/V through L2), tiles in reverse (the
-    // heaviest causal tiles first), as in the mma.sync kernel.
-    const int32_t h = static_cast<int32_t>(blockIdx.x % n_heads);
-    const int32_t *tile = tiles + 4 * (n_tiles - 1 - static_cast<int32_t>(blockIdx.x / n_heads));
-    const int32_t sqn = tile[0], tok0 = tile[1], n_rows = tile[2], pos0 = tile[3];
-    const int32_t kvh = h / (n_heads / kv.n_kv_heads), bs = kv.block_size;
-    const int32_t *table = meta.blocks + meta.block_off[sqn];
-    const int32_t last = pos0 + n_rows - 1;
-    const int32_t n_kt = last / BN + 1;
+    const flash_common::TileWork tw = flash_common::tile_work<BN>(n_heads, n_tiles, tiles, meta, kv);
+    const int32_t h = tw.h, tok0 = tw.tok0, n_rows = tw.n_rows, pos0 = tw.pos0, kvh = tw.kvh, bs = tw.bs;
+    const int32_t *table = tw.table;
+    const int32_t last = tw.last, n_kt = tw.n_kt;
     const int tid = threadIdx.x;
 
     // Cache offsets (bytes, K side) of the keys of tile t in ring slot t % kRing, -1 past `last`.
@@ -184,24 +176,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
 #pragma unroll
     for (int g = 0; g < ST - 1; ++g) load_group(g);
 
-    // Q: fp32 -> scaled bf16, swizzled; rows past n_rows are zero. Unrolled so the loads overlap.
-    {
-        constexpr int kVecs = HD / 8;
-        static_assert(BM * kVecs % NT == 0);
-#pragma unroll
-        for (int it = 0; it < BM * kVecs / NT; ++it) {
-            const int i = tid + it * NT, r = i / kVecs, c = i % kVecs;
-            uint4 w = make_uint4(0, 0, 0, 0);
-            if (r < n_rows) {
-                const float4 *src =
-                    reinterpret_cast<const float4 *>(q + (static_cast<int64_t>(tok0 + r) * n_heads + h) * HD + c * 8);
-                const float4 a = __ldg(src), b = __ldg(src + 1);
-                w = make_uint4(pack_bf16(a.x * qscale, a.y * qscale), pack_bf16(a.z * qscale, a.w * qscale),
-                               pack_bf16(b.x * qscale, b.y * qscale), pack_bf16(b.z * qscale, b.w * qscale));
-            }
-            *reinterpret_cast<uint4 *>(gq + swz(BM, r, c)) = w;
-        }
-    }
+    // Q: fp32 -> scaled bf16, swizzled; rows past n_rows are zero.
+    flash_common::load_q_tile<HD, BM, NT>(q, n_heads, h, tok0, n_rows, qscale, tid,
+                                          [&](int r, int c) { return reinterpret_cast<uint4 *>(gq + swz(BM, r, c)); });
 
     // Warpgroup wg owns rows [64 wg, 64 wg + 64) of the tile; warp w of it rows 16 w.., as in m16n8 tiles.
     // Broadcast from lane 0 so that ptxas sees the warpgroup's branches around wgmma as uniform (it
@@ -254,10 +231,9 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             float mx = m[hr];
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[n * 4 + 2 * hr], s[n * 4 + 2 * hr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = quad_max(mx);
             // Key 0 is in every row's first tile, so the max is finite from the first tile on.
-            const float m_new = mx > m[hr] + kLazy ? mx : m[hr];
+            const float m_new = mx > m[hr] + flash_common::kLazy ? mx : m[hr];
             corr[hr] = ex2(m[hr] - m_new);
             moved |= corr[hr] != 1.f;
             m[hr] = m_new;
@@ -344,9 +320,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     // O / l -> bf16 rows of `out`.
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-        float sum = l[hr];
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float sum = quad_sum(l[hr]);
         const int r = wrow0 + warp * 16 + g + hr * 8;
         if (r >= n_rows) continue;
         const float inv = 1.f / sum;
