@@ -6,82 +6,15 @@
 
 #include <cmath>
 #include <cstdio>
-#include <numeric>
 #include <span>
 
-#include "backend/cpu/kernels.h"
 #include "backend/cuda/flash_prefill_variants.cuh"
 #include "backend/cuda/kernels.h"
 #include "cuda_test_util.h"
+#include "flash_test_problem.h"
 
 namespace dbrx::cuda::test {
 namespace {
-
-struct Shape {
-    int32_t H, KV, hd;
-};
-struct Chunk {
-    int32_t prefix, n_new;  // cached positions before the chunk, rows of the chunk
-};
-
-// One launch's inputs on the host: a paged cache with a shuffled block table (slots past each
-// sequence's end hold NaN, so reading one shows), the chunks' queries and their tiles.
-struct Problem {
-    Shape s;
-    int32_t bs = 16, n_blocks = 0;
-    std::vector<Chunk> chunks;
-    std::vector<bf16_t> cache;
-    std::vector<int32_t> blocks, block_off, new_pos, new_seq, tiles;
-    std::vector<float> q;  // [Tn][H][hd]
-    int64_t half() const { return static_cast<int64_t>(bs) * s.KV * s.hd; }
-    int32_t n_tokens() const { return static_cast<int32_t>(new_pos.size()); }
-};
-
-Problem make_problem(Shape s, int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
-    Problem p{s, bs, 0, std::move(chunks)};
-    for (const auto &c : p.chunks) p.n_blocks += (c.prefix + c.n_new + bs - 1) / bs;
-    p.blocks.resize(p.n_blocks);
-    std::iota(p.blocks.begin(), p.blocks.end(), 0);
-    std::shuffle(p.blocks.begin(), p.blocks.end(), std::mt19937(seed));
-    p.cache = to_bf16(uniform(static_cast<size_t>(p.n_blocks) * 2 * p.half(), -1.f, 1.f, seed + 1));
-    int32_t boff = 0;
-    for (size_t i = 0; i < p.chunks.size(); ++i) {
-        const int32_t len = p.chunks[i].prefix + p.chunks[i].n_new, nb = (len + bs - 1) / bs;
-        p.block_off.push_back(boff);
-        for (int32_t slot = len; slot < nb * bs; ++slot) {  // unused tail of the last block
-            const int64_t off = p.blocks[boff + slot / bs] * 2 * p.half() + int64_t{slot % bs} * s.KV * s.hd;
-            for (int64_t j = 0; j < int64_t{s.KV} * s.hd; ++j) p.cache[off + j] = p.cache[off + p.half() + j] = 0x7fc0;
-        }
-        boff += nb;
-        const int32_t first = p.n_tokens();
-        for (int32_t r = 0; r < p.chunks[i].n_new; ++r) {
-            p.new_pos.push_back(p.chunks[i].prefix + r);
-            p.new_seq.push_back(static_cast<int32_t>(i));
-        }
-        for (int32_t r = 0; r < p.chunks[i].n_new; r += kFlashTile)
-            p.tiles.insert(p.tiles.end(), {static_cast<int32_t>(i), first + r, std::min(kFlashTile, p.chunks[i].n_new - r),
-                                           p.chunks[i].prefix + r});
-    }
-    // Wide enough that the softmax is far from flat.
-    p.q = uniform(static_cast<size_t>(p.n_tokens()) * s.H * s.hd, -3.f, 3.f, seed + 2);
-    return p;
-}
-
-// The reference of (token t, head h) by cpu::attend_one over the fp32 copy of the bf16 cache.
-struct Reference {
-    const Problem &p;
-    std::vector<float> cache = to_f32(p.cache);
-    std::vector<float> scores;
-    void attend(int32_t t, int32_t h, float *out) {
-        const Shape &s = p.s;
-        cpu::PagedKv pk{cache.data(), cache.data() + p.half(), 2 * p.half(), p.bs, s.KV, s.hd};
-        const int32_t sq = p.new_seq[t], len = p.chunks[sq].prefix + p.chunks[sq].n_new;
-        std::span<const int32_t> table(p.blocks.data() + p.block_off[sq], (len + p.bs - 1) / p.bs);
-        scores.resize(len);
-        cpu::attend_one(p.q.data() + (int64_t{t} * s.H + h) * s.hd, p.new_pos[t], pk, table, h / (s.H / s.KV),
-                        1.f / std::sqrt(static_cast<float>(s.hd)), scores.data(), out);
-    }
-};
 
 // Device copies of a problem and one launch of flash_prefill (variant < 0) or a variant.
 struct DeviceProblem {

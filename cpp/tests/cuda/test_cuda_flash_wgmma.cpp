@@ -9,23 +9,20 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <numeric>
 #include <span>
 #include <thread>
 
-#include "backend/cpu/kernels.h"
 #include "backend/cuda/flash_prefill_wgmma.h"
 #include "backend/cuda/kernels.h"
 #include "cuda_test_util.h"
+#include "flash_test_problem.h"
 #include "util/error.h"
 
 namespace dbrx::cuda::test {
 namespace {
 
 constexpr int32_t kH = 48, kKV = 8, kHd = 128;  // DBRX
-struct Chunk {
-    int32_t prefix, n_new;
-};
+constexpr Shape kDbrx{kH, kKV, kHd};
 
 // Waits for `stream` at most `limit_s`; a launch still running then is taken as a hang.
 void wait_bounded(cudaStream_t stream, const char *what, double limit_s = 10.0) {
@@ -56,62 +53,6 @@ bool hopper_ready() {
     EXPECT_FALSE(flash_prefill_wgmma_supported(kHd, 0));
     return flash_prefill_wgmma_supported(kHd, 16);
 }
-
-// One launch's inputs: a paged cache with a shuffled block table (slots past each sequence's end
-// hold NaN, so reading one shows), the chunks' queries and their tiles of kFlashTile rows.
-struct Problem {
-    int32_t bs = 16, n_blocks = 0;
-    std::vector<Chunk> chunks;
-    std::vector<bf16_t> cache;
-    std::vector<int32_t> blocks, block_off, new_pos, new_seq, tiles;
-    std::vector<float> q;  // [Tn][H][hd]
-    int64_t half() const { return int64_t{bs} * kKV * kHd; }
-    int32_t n_tokens() const { return static_cast<int32_t>(new_pos.size()); }
-};
-
-Problem make_problem(int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
-    Problem p{bs, 0, std::move(chunks)};
-    for (const auto &c : p.chunks) p.n_blocks += (c.prefix + c.n_new + bs - 1) / bs;
-    p.blocks.resize(p.n_blocks);
-    std::iota(p.blocks.begin(), p.blocks.end(), 0);
-    std::shuffle(p.blocks.begin(), p.blocks.end(), std::mt19937(seed));
-    p.cache = to_bf16(uniform(static_cast<size_t>(p.n_blocks) * 2 * p.half(), -1.f, 1.f, seed + 1));
-    int32_t boff = 0;
-    for (size_t i = 0; i < p.chunks.size(); ++i) {
-        const int32_t len = p.chunks[i].prefix + p.chunks[i].n_new, nb = (len + bs - 1) / bs;
-        p.block_off.push_back(boff);
-        for (int32_t slot = len; slot < nb * bs; ++slot) {
-            const int64_t off = p.blocks[boff + slot / bs] * 2 * p.half() + int64_t{slot % bs} * kKV * kHd;
-            for (int64_t j = 0; j < int64_t{kKV} * kHd; ++j) p.cache[off + j] = p.cache[off + p.half() + j] = 0x7fc0;
-        }
-        boff += nb;
-        const int32_t first = p.n_tokens();
-        for (int32_t r = 0; r < p.chunks[i].n_new; ++r) {
-            p.new_pos.push_back(p.chunks[i].prefix + r);
-            p.new_seq.push_back(static_cast<int32_t>(i));
-        }
-        for (int32_t r = 0; r < p.chunks[i].n_new; r += kFlashTile)
-            p.tiles.insert(p.tiles.end(), {static_cast<int32_t>(i), first + r, std::min(kFlashTile, p.chunks[i].n_new - r),
-                                           p.chunks[i].prefix + r});
-    }
-    p.q = uniform(static_cast<size_t>(p.n_tokens()) * kH * kHd, -3.f, 3.f, seed + 2);  // far from a flat softmax
-    return p;
-}
-
-// cpu::attend_one for (token t, head h) over the fp32 copy of the bf16 cache.
-struct Reference {
-    const Problem &p;
-    std::vector<float> cache = to_f32(p.cache);
-    std::vector<float> scores;
-    void attend(int32_t t, int32_t h, float *out) {
-        cpu::PagedKv pk{cache.data(), cache.data() + p.half(), 2 * p.half(), p.bs, kKV, kHd};
-        const int32_t sq = p.new_seq[t], len = p.chunks[sq].prefix + p.chunks[sq].n_new;
-        std::span<const int32_t> table(p.blocks.data() + p.block_off[sq], (len + p.bs - 1) / p.bs);
-        scores.resize(len);
-        cpu::attend_one(p.q.data() + (int64_t{t} * kH + h) * kHd, p.new_pos[t], pk, table, h / (kH / kKV),
-                        1.f / std::sqrt(static_cast<float>(kHd)), scores.data(), out);
-    }
-};
 
 // Device copies of a problem; run() launches one kernel (variant -2: flash_prefill, -1:
 // flash_prefill_wgmma, else a wgmma shape) and returns the output.
@@ -164,7 +105,7 @@ std::vector<float> pick_heads(const std::vector<float> &v, int32_t Tn, std::span
 // flash_prefill, for flash_prefill_wgmma and every wgmma shape.
 void check_chunks(int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
     if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
-    const Problem p = make_problem(bs, std::move(chunks), seed);
+    const Problem p = make_problem(kDbrx, bs, std::move(chunks), seed);
     constexpr int32_t kHeads[] = {0, 5, 6, 40, 47};
     Reference ref_of{p};
     std::vector<float> ref;
@@ -201,7 +142,7 @@ TEST(CudaFlashWgmma, MixedPrefixesAndBlockSizes) {
 // Shapes the kernel is not built for are refused on the host, before any launch.
 TEST(CudaFlashWgmma, RejectsUnsupportedShapes) {
     if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
-    const Problem p = make_problem(16, {{0, 20}}, 56);
+    const Problem p = make_problem(kDbrx, 16, {{0, 20}}, 56);
     DeviceProblem d(p);
     KvLayer kv = d.kv;
     kv.head_dim = 64;
@@ -243,7 +184,7 @@ double time_ms(DeviceProblem &d, int32_t variant, int warm = 2, int reps = 5) {
 // against flash_prefill, and the times of flash_prefill and every wgmma shape (causal FLOPs).
 void check_long(int32_t S, uint32_t seed) {
     if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
-    const Problem p = make_problem(16, {{0, S}}, seed);
+    const Problem p = make_problem(kDbrx, 16, {{0, S}}, seed);
     DeviceProblem d(p);
     const auto base = d.run(-2);
     Reference ref_of{p};
