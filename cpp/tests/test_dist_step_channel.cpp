@@ -219,6 +219,28 @@ TEST(DistStepChannel, ListenerRefusalsAndTimeouts) {
         EXPECT_TRUE(has(error_of([&] { listener.accept_all(); }, DBRX_ERR_INVALID_ARGUMENT), "says the group has 3"));
         EXPECT_TRUE(has(error_of([&] { wrong.get(); }, DBRX_ERR_INVALID_ARGUMENT), "refused"));
     }
+    {  // a process of another build
+        StepChannelListener listener(0, 2, 10s);
+        const int32_t port = listener.port();
+        std::thread other([port] {
+            const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+            sockaddr_in a{};
+            a.sin_family = AF_INET;
+            a.sin_port = htons(static_cast<uint16_t>(port));
+            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            std::vector<uint8_t> frame = encode_step_header({StepMsg::Hello, 0, 8});
+            frame[4] = 9;  // version 9
+            const std::vector<uint8_t> hello = encode(StepHello{1, 2});
+            frame.insert(frame.end(), hello.begin(), hello.end());
+            if (::connect(fd, reinterpret_cast<sockaddr *>(&a), sizeof a) == 0 &&
+                ::write(fd, frame.data(), frame.size()) == static_cast<ssize_t>(frame.size()))
+                std::this_thread::sleep_for(500ms);
+            ::close(fd);
+        });
+        EXPECT_TRUE(has(error_of([&] { listener.accept_all(); }, DBRX_ERR_INVALID_ARGUMENT),
+                        "peer speaks step protocol version 9, this build version 1"));
+        other.join();
+    }
     {
         StepChannelListener listener(0, 3, 500ms);
         const auto start = Clock::now();

@@ -226,8 +226,11 @@ std::vector<std::unique_ptr<StepConnection>> StepChannelListener::accept_all() {
                                                  std::chrono::milliseconds(remaining_ms(deadline) + 1)));
             if (f.type != StepMsg::Hello) continue;
             hello = decode_hello(f.payload);
-        } catch (const Error &) {
-            continue;  // not one of ours: drop it
+        } catch (const Error &e) {
+            // One of ours from another build: the group cannot work, and both sides should say why.
+            if (std::string(e.what()).find("speaks step protocol version") != std::string::npos)
+                refuse_all(DBRX_ERR_INVALID_ARGUMENT, e.what(), conn.get());
+            continue;  // not one of ours (a port scan, a health check): drop it
         }
         if (hello.world_size != world_size_)
             refuse_all(DBRX_ERR_INVALID_ARGUMENT, "process " + num(hello.rank) + " says the group has " +
