@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "dist/step_channel.h"
+#include "dist/tcp_rendezvous.h"
 #include "dist/step_wire.h"
 #include "step_channel_test_util.h"
 
@@ -209,6 +210,31 @@ TEST(DistStepChannel, ListenerWelcomesTheGroupAndDropsStrays) {
     auto c2 = two.get();
     peers[1]->send(StepMsg::Heartbeat, {}, 1s);
     EXPECT_EQ(c2->receive(1s).type, StepMsg::Heartbeat);
+}
+
+// dbrx_model_load opens the step channel on the rendezvous port, then NCCL's rendezvous binds the
+// same port while the step connections on it stay open.
+TEST(DistStepChannel, NcclRendezvousReusesThePortAfterTheChannel) {
+    StepChannelListener listener(0, 2, 10s);
+    const int32_t port = listener.port();
+    auto follower = std::async(std::launch::async, [port] {
+        auto channel = connect_step_channel("127.0.0.1", port, 1, 2, 10s);
+        RendezvousConfig c;
+        c.host = "127.0.0.1";
+        c.port = port;
+        c.rank = 1;
+        c.world_size = 2;
+        c.timeout = 10s;
+        return std::make_pair(std::move(channel), rendezvous_receive(c));
+    });
+    auto peers = listener.accept_all();
+    const std::vector<uint8_t> id{1, 2, 3, 4, 5};
+    RendezvousServer server(port, 2, 10s);
+    server.broadcast(id);
+    auto [channel, got] = follower.get();
+    EXPECT_EQ(got, id);
+    peers[0]->send(StepMsg::Heartbeat, {}, 1s);  // the step channel outlives the rendezvous
+    EXPECT_EQ(channel->receive(1s).type, StepMsg::Heartbeat);
 }
 
 TEST(DistStepChannel, ListenerRefusalsAndTimeouts) {
