@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -67,6 +68,35 @@ ShardedCudaOptions on_gpu0(int32_t ranks) {
     o.transport = CudaTransport::Host;
     o.timeout = 60s;
     return o;
+}
+
+// A tp 2 backend (options `o`) whose rank 1 throws at layer 1, after one prefill: the step must
+// have failed promptly (well before the collective timeout) with ENGINE_DEAD naming the injected
+// failure. Returns the (dead) backend, its pool and the step's error message.
+struct FailedStep {
+    std::unique_ptr<ShardedCudaBackend> backend;
+    std::unique_ptr<KvPool> pool;
+    std::string error;
+};
+FailedStep step_with_failing_rank(const Checkpoint &ckpt, ShardedCudaOptions o) {
+    o.before_layer = [](int32_t rank, int32_t layer) {
+        if (rank == 1 && layer == 1) throw std::runtime_error("injected failure on rank 1");
+    };
+    FailedStep f;
+    f.backend = make_sharded_cuda_backend(ckpt, 2, 1, o);
+    f.pool = f.backend->create_kv_pool(8, kBlockSize);
+    Seq s{sequential_blocks(0, 8)};
+    const auto start = std::chrono::steady_clock::now();
+    try {
+        prefill(*f.backend, *f.pool, s, {1, 2, 3}, 0, ckpt.config().vocab_size);
+        ADD_FAILURE() << "the step succeeded despite a failing rank";
+    } catch (const Error &e) {
+        f.error = e.what();
+        EXPECT_EQ(e.status(), DBRX_ERR_ENGINE_DEAD) << e.what();
+        EXPECT_NE(f.error.find("injected failure"), std::string::npos) << e.what();
+    }
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 30s) << "failure took the collective timeout";
+    return f;
 }
 
 // Every case of the fixture through both backends, teacher-forced along the reference's greedy ids:
@@ -159,26 +189,11 @@ TEST(CudaSharded, MixedBatchRowsMatchOneRank) {
 TEST(CudaSharded, RankFailureIsEngineDeadNotAHang) {
     if (visible_gpus() < 1) GTEST_SKIP() << "no CUDA device visible";
     auto ckpt = Checkpoint::open(std::string(DBRX_SOURCE_DIR) + kFixtures[0]);
-    ShardedCudaOptions o = on_gpu0(2);
-    o.before_layer = [](int32_t rank, int32_t layer) {
-        if (rank == 1 && layer == 1) throw std::runtime_error("injected failure on rank 1");
-    };
-    auto sharded = make_sharded_cuda_backend(*ckpt, 2, 1, o);
-    auto pool = sharded->create_kv_pool(8, kBlockSize);
-    Seq s{sequential_blocks(0, 8)};
-    const auto start = std::chrono::steady_clock::now();
-    try {
-        prefill(*sharded, *pool, s, {1, 2, 3}, 0, ckpt->config().vocab_size);
-        ADD_FAILURE() << "the step succeeded despite a failing rank";
-    } catch (const Error &e) {
-        EXPECT_EQ(e.status(), DBRX_ERR_ENGINE_DEAD) << e.what();
-        EXPECT_NE(std::string(e.what()).find("rank 1"), std::string::npos) << e.what();
-        EXPECT_NE(std::string(e.what()).find("injected failure"), std::string::npos) << e.what();
-    }
-    EXPECT_LT(std::chrono::steady_clock::now() - start, 30s) << "failure took the collective timeout";
+    FailedStep f = step_with_failing_rank(*ckpt, on_gpu0(2));
+    EXPECT_NE(f.error.find("rank 1"), std::string::npos) << f.error;
     Seq again{sequential_blocks(0, 8)};
     try {
-        prefill(*sharded, *pool, again, {1}, 0, ckpt->config().vocab_size);
+        prefill(*f.backend, *f.pool, again, {1}, 0, ckpt->config().vocab_size);
         ADD_FAILURE() << "a dead group ran another step";
     } catch (const Error &e) {
         EXPECT_EQ(e.status(), DBRX_ERR_ENGINE_DEAD) << e.what();
@@ -260,23 +275,9 @@ TEST(CudaSharded, NcclRankFailureIsEngineDeadNotAHang) {
     o.rendezvous.rank = 0;
     o.rendezvous.world_size = 1;
     o.timeout = 60s;
-    o.before_layer = [](int32_t rank, int32_t layer) {
-        if (rank == 1 && layer == 1) throw std::runtime_error("injected failure on rank 1");
-    };
-    auto sharded = make_sharded_cuda_backend(*ckpt, 2, 1, o);
-    auto pool = sharded->create_kv_pool(8, kBlockSize);
-    Seq s{sequential_blocks(0, 8)};
-    const auto start = std::chrono::steady_clock::now();
-    try {
-        prefill(*sharded, *pool, s, {1, 2, 3}, 0, ckpt->config().vocab_size);
-        ADD_FAILURE() << "the step succeeded despite a failing rank";
-    } catch (const Error &e) {
-        EXPECT_EQ(e.status(), DBRX_ERR_ENGINE_DEAD) << e.what();
-        EXPECT_NE(std::string(e.what()).find("injected failure"), std::string::npos) << e.what();
-    }
-    EXPECT_LT(std::chrono::steady_clock::now() - start, 30s) << "failure took the collective timeout";
+    FailedStep f = step_with_failing_rank(*ckpt, o);
     Seq again{sequential_blocks(0, 8)};
-    EXPECT_THROW(prefill(*sharded, *pool, again, {1}, 0, ckpt->config().vocab_size), Error);
+    EXPECT_THROW(prefill(*f.backend, *f.pool, again, {1}, 0, ckpt->config().vocab_size), Error);
 }
 
 // Through the C API: tp 2 takes GPUs 0 and 1; with one GPU that is a clear UNSUPPORTED error, with
