@@ -172,10 +172,11 @@ TEST(CudaLogits, KernelTimeAt64RowsOfDbrxVocabulary) {
     EXPECT_LT(summary_ms, 0.25f * copy_ms);
 }
 
-// Passes everything but forward_summarized through: the engine then samples from full rows.
-class FullRowsOnly final : public Backend {
+// Passes the pool and full-row forward calls through to `inner`; forward_summarized keeps Backend's
+// default (not supported).
+class PassThrough : public Backend {
 public:
-    explicit FullRowsOnly(Backend &inner) : inner_(inner) {}
+    explicit PassThrough(Backend &inner) : inner_(inner) {}
     std::string name() const override { return inner_.name(); }
     int64_t kv_bytes_per_block(int32_t bs) const override { return inner_.kv_bytes_per_block(bs); }
     int64_t kv_memory_available() const override { return inner_.kv_memory_available(); }
@@ -184,21 +185,20 @@ public:
         inner_.forward(pool, batch, logits);
     }
 
-private:
+protected:
     Backend &inner_;
 };
 
-// Summarises on the device and, to check them, also keeps every row's full logits and summary.
-class Recording final : public Backend {
+// Passes everything but forward_summarized through: the engine then samples from full rows.
+class FullRowsOnly final : public PassThrough {
 public:
-    explicit Recording(Backend &inner, int32_t vocab) : inner_(inner), vocab_(vocab) {}
-    std::string name() const override { return inner_.name(); }
-    int64_t kv_bytes_per_block(int32_t bs) const override { return inner_.kv_bytes_per_block(bs); }
-    int64_t kv_memory_available() const override { return inner_.kv_memory_available(); }
-    std::unique_ptr<KvPool> create_kv_pool(int32_t n, int32_t bs) override { return inner_.create_kv_pool(n, bs); }
-    void forward(KvPool &pool, std::span<const SeqStep> batch, float *logits) override {
-        inner_.forward(pool, batch, logits);
-    }
+    using PassThrough::PassThrough;
+};
+
+// Summarises on the device and, to check them, also keeps every row's full logits and summary.
+class Recording final : public PassThrough {
+public:
+    explicit Recording(Backend &inner, int32_t vocab) : PassThrough(inner), vocab_(vocab) {}
     bool forward_summarized(KvPool &pool, std::span<const SeqStep> batch, std::span<const LogitsNeed> needs,
                             std::span<LogitsSummary> out) override {
         if (!inner_.forward_summarized(pool, batch, needs, out)) return false;
@@ -220,7 +220,6 @@ public:
     std::vector<LogitsNeed> needs_seen;
 
 private:
-    Backend &inner_;
     int32_t vocab_;
 };
 
