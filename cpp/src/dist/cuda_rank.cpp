@@ -181,21 +181,12 @@ void CudaRank::expert_parallel_moe(const cuda::DeviceLayer &L, const bf16_t *x, 
     const int32_t e0 = shard_.experts.begin, e1 = shard_.experts.end;
     const int64_t rows = int64_t{T} * k;
     const float norm_p = global_.moe_norm_p ? static_cast<float>(*global_.moe_norm_p) : 0.f;
-    logits_.reserve(sizeof(float) * T * E, "router logits");
-    experts_.reserve(sizeof(int32_t) * rows, "router experts");
-    weights_.reserve(sizeof(float) * rows, "router weights");
-    offsets_.reserve(sizeof(int32_t) * (E + 1), "expert offsets");
-    active_.reserve(sizeof(int32_t) * (E + 1), "active experts");
-    perm_row_.reserve(sizeof(int32_t) * rows, "MoE permutation");
-    row_token_.reserve(sizeof(int32_t) * rows, "MoE permutation");
+    route_.reserve(T, E, k);
     y_.reserve(sizeof(float) * rows * d, "expert outputs");
     host_offsets_.reserve(sizeof(int32_t) * (E + 1));
 
-    cuda::gemm_xwt(blas, x, T, d, L.router.as<bf16_t>(), E, logits_.as<float>());
-    cuda::route_topk(logits_.as<float>(), T, E, k, norm_p, experts_.as<int32_t>(), weights_.as<float>(), s);
-    cuda::moe_permute(experts_.as<int32_t>(), T, E, k, offsets_.as<int32_t>(), active_.as<int32_t>(),
-                      perm_row_.as<int32_t>(), row_token_.as<int32_t>(), s);
-    DBRX_CUDA_CHECK(cudaMemcpyAsync(host_offsets_.get(), offsets_.get(), sizeof(int32_t) * (E + 1),
+    route_.route(x, T, d, L.router.as<bf16_t>(), E, k, norm_p, blas, s);
+    DBRX_CUDA_CHECK(cudaMemcpyAsync(host_offsets_.get(), route_.offsets.get(), sizeof(int32_t) * (E + 1),
                                     cudaMemcpyDeviceToHost, s));
     DBRX_CUDA_CHECK(cudaMemsetAsync(y_.get(), 0, sizeof(float) * rows * d, s));
     DBRX_CUDA_CHECK(cudaStreamSynchronize(s));
@@ -205,7 +196,7 @@ void CudaRank::expert_parallel_moe(const cuda::DeviceLayer &L, const bf16_t *x, 
         xp_.reserve(sizeof(bf16_t) * mine * d, "permuted tokens");
         gu_.reserve(sizeof(float) * mine * 2 * int64_t{fs}, "expert gate/up");
         g_.reserve(sizeof(bf16_t) * mine * int64_t{fs}, "expert activations");
-        cuda::gather_rows(x, row_token_.as<int32_t>() + r0, xp_.as<bf16_t>(), mine, d, s);
+        cuda::gather_rows(x, route_.row_token.as<int32_t>() + r0, xp_.as<bf16_t>(), mine, d, s);
         for (int32_t e = e0; e < e1; ++e) {
             const int32_t m = off[e + 1] - off[e];
             if (m == 0) continue;
@@ -222,7 +213,8 @@ void CudaRank::expert_parallel_moe(const cuda::DeviceLayer &L, const bf16_t *x, 
                           y_.as<float>() + int64_t{off[e]} * d);
         }
     }
-    cuda::moe_unpermute(y_.as<float>(), 1, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T, k, d, out, s);
+    cuda::moe_unpermute(y_.as<float>(), 1, rows * d, route_.perm_row.as<int32_t>(), route_.weights.as<float>(), T, k,
+                        d, out, s);
 }
 
 void CudaRank::lm_head(const bf16_t *x, int32_t n, float *logits, cublasHandle_t blas, cudaStream_t stream) {

@@ -102,7 +102,8 @@ private:
 
     cuda::DeviceBuffer gather_send_, gather_recv_;
     // Expert-parallel MoE buffers.
-    cuda::DeviceBuffer logits_, experts_, weights_, offsets_, active_, perm_row_, row_token_, xp_, gu_, g_, y_;
+    cuda::MoeRouting route_;
+    cuda::DeviceBuffer xp_, gu_, g_, y_;
     cuda::PinnedBuffer host_offsets_;
 };
 

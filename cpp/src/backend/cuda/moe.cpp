@@ -7,6 +7,25 @@
 
 namespace dbrx::cuda {
 
+void MoeRouting::reserve(int32_t T, int32_t E, int32_t k) {
+    const int64_t rows = static_cast<int64_t>(T) * k;
+    logits.reserve(sizeof(float) * T * E, "router logits");
+    experts.reserve(sizeof(int32_t) * rows, "router experts");
+    weights.reserve(sizeof(float) * rows, "router weights");
+    offsets.reserve(sizeof(int32_t) * (E + 1), "expert offsets");
+    active.reserve(sizeof(int32_t) * (E + 1), "active experts");
+    perm_row.reserve(sizeof(int32_t) * rows, "MoE permutation");
+    row_token.reserve(sizeof(int32_t) * rows, "MoE permutation");
+}
+
+void MoeRouting::route(const bf16_t *x, int32_t T, int32_t d, const bf16_t *router, int32_t E, int32_t k,
+                       float norm_p, cublasHandle_t blas, cudaStream_t stream) {
+    gemm_xwt(blas, x, T, d, router, E, logits.as<float>());
+    route_topk(logits.as<float>(), T, E, k, norm_p, experts.as<int32_t>(), weights.as<float>(), stream);
+    moe_permute(experts.as<int32_t>(), T, E, k, offsets.as<int32_t>(), active.as<int32_t>(), perm_row.as<int32_t>(),
+                row_token.as<int32_t>(), stream);
+}
+
 void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cublasHandle_t blas,
                   cudaStream_t stream, MoePath path) {
     if (T == 0) return;
@@ -20,40 +39,32 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
         invalid_argument("MoE grouped path needs d_model % 128 == 0 and ffn % 64 == 0, got d_model " +
                          std::to_string(d) + ", ffn " + std::to_string(F));
 
-    logits_.reserve(sizeof(float) * T * E, "router logits");
-    experts_.reserve(sizeof(int32_t) * rows, "router experts");
-    weights_.reserve(sizeof(float) * rows, "router weights");
-    offsets_.reserve(sizeof(int32_t) * (E + 1), "expert offsets");
-    active_.reserve(sizeof(int32_t) * (E + 1), "active experts");
-    perm_row_.reserve(sizeof(int32_t) * rows, "MoE permutation");
-    row_token_.reserve(sizeof(int32_t) * rows, "MoE permutation");
+    r_.reserve(T, E, k);
     xp_.reserve(sizeof(bf16_t) * rows * d, "permuted tokens");
     g_.reserve(sizeof(bf16_t) * rows * F, "expert activations");
 
-    gemm_xwt(blas, x, T, d, w.router, E, logits_.as<float>());
-    route_topk(logits_.as<float>(), T, E, k, s_.norm_p, experts_.as<int32_t>(), weights_.as<float>(), stream);
-    moe_permute(experts_.as<int32_t>(), T, E, k, offsets_.as<int32_t>(), active_.as<int32_t>(),
-                perm_row_.as<int32_t>(), row_token_.as<int32_t>(), stream);
-    gather_rows(x, row_token_.as<int32_t>(), xp_.as<bf16_t>(), static_cast<int32_t>(rows), d, stream);
+    r_.route(x, T, d, w.router, E, k, s_.norm_p, blas, stream);
+    gather_rows(x, r_.row_token.as<int32_t>(), xp_.as<bf16_t>(), static_cast<int32_t>(rows), d, stream);
 
     const int32_t max_active = static_cast<int32_t>(std::min<int64_t>(E, rows));
     if (path == MoePath::Gemv) {
         y_.reserve(sizeof(float) * kMoeDownSplits * rows * d, "expert outputs");
-        moe_up_gemv(xp_.as<bf16_t>(), w.w13, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active, T, d, F,
+        moe_up_gemv(xp_.as<bf16_t>(), w.w13, r_.offsets.as<int32_t>(), r_.active.as<int32_t>(), max_active, T, d, F,
                     g_.as<bf16_t>(), stream);
-        moe_down_gemv(g_.as<bf16_t>(), w.w2, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active, T,
+        moe_down_gemv(g_.as<bf16_t>(), w.w2, r_.offsets.as<int32_t>(), r_.active.as<int32_t>(), max_active, T,
                       static_cast<int32_t>(rows), d, F, y_.as<float>(), stream);
-        moe_unpermute(y_.as<float>(), kMoeDownSplits, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T, k,
+        moe_unpermute(y_.as<float>(), kMoeDownSplits, rows * d, r_.perm_row.as<int32_t>(), r_.weights.as<float>(), T, k,
                       d, h, stream);
         return;
     }
     if (path == MoePath::Grouped) {
         y_.reserve(sizeof(float) * rows * d, "expert outputs");
-        moe_up_grouped(xp_.as<bf16_t>(), w.w13, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active, T, d, F,
+        moe_up_grouped(xp_.as<bf16_t>(), w.w13, r_.offsets.as<int32_t>(), r_.active.as<int32_t>(), max_active, T, d, F,
                        g_.as<bf16_t>(), stream);
-        moe_down_grouped(g_.as<bf16_t>(), w.w2, offsets_.as<int32_t>(), active_.as<int32_t>(), max_active, T, d, F,
+        moe_down_grouped(g_.as<bf16_t>(), w.w2, r_.offsets.as<int32_t>(), r_.active.as<int32_t>(), max_active, T, d, F,
                          y_.as<float>(), stream);
-        moe_unpermute(y_.as<float>(), 1, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T, k, d, h, stream);
+        moe_unpermute(y_.as<float>(), 1, rows * d, r_.perm_row.as<int32_t>(), r_.weights.as<float>(), T, k, d, h,
+                      stream);
         return;
     }
     // Prefill-sized batches keep gate|up in bf16 (halves the traffic of the largest intermediate);
@@ -62,7 +73,7 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
     gu_.reserve((gu_bf16 ? sizeof(bf16_t) : sizeof(float)) * rows * 2 * F, "expert gate/up");
     y_.reserve(sizeof(float) * rows * d, "expert outputs");
     host_offsets_.reserve(sizeof(int32_t) * (E + 1));
-    DBRX_CUDA_CHECK(cudaMemcpyAsync(host_offsets_.get(), offsets_.get(), sizeof(int32_t) * (E + 1),
+    DBRX_CUDA_CHECK(cudaMemcpyAsync(host_offsets_.get(), r_.offsets.get(), sizeof(int32_t) * (E + 1),
                                     cudaMemcpyDeviceToHost, stream));
     DBRX_CUDA_CHECK(cudaStreamSynchronize(stream));
     const int32_t *off = host_offsets_.as<int32_t>();
@@ -85,7 +96,7 @@ void Moe::forward(const bf16_t *x, int32_t T, const MoeWeights &w, float *h, cub
         gemm_xw(blas, g_.as<bf16_t>() + static_cast<int64_t>(off[e]) * F, n, F, w.w2 + static_cast<int64_t>(e) * F * d,
                 d, y_.as<float>() + static_cast<int64_t>(off[e]) * d);
     }
-    moe_unpermute(y_.as<float>(), 1, rows * d, perm_row_.as<int32_t>(), weights_.as<float>(), T, k, d, h, stream);
+    moe_unpermute(y_.as<float>(), 1, rows * d, r_.perm_row.as<int32_t>(), r_.weights.as<float>(), T, k, d, h, stream);
 }
 
 MoePath Moe::resolve(int32_t T) const {
@@ -97,7 +108,7 @@ MoePath Moe::resolve(int32_t T) const {
 
 int32_t Moe::active_experts(cudaStream_t stream) {
     int32_t n = 0;
-    DBRX_CUDA_CHECK(cudaMemcpyAsync(&n, active_.get(), sizeof n, cudaMemcpyDeviceToHost, stream));
+    DBRX_CUDA_CHECK(cudaMemcpyAsync(&n, r_.active.get(), sizeof n, cudaMemcpyDeviceToHost, stream));
     DBRX_CUDA_CHECK(cudaStreamSynchronize(stream));
     return n;
 }

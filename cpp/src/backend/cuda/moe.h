@@ -39,6 +39,18 @@ constexpr int32_t kMoeAutoGemvMaxTokens = 3;
 constexpr int32_t kMoeAutoGroupedMaxTokens = 64;
 static_assert(kMoeAutoGemvMaxTokens <= kMoeGemvMaxRows && kMoeAutoGemvMaxTokens <= kMoeAutoGroupedMaxTokens);
 
+// The router and the permutation by expert of T tokens, shared by Moe and the expert-parallel MoE of a
+// sharded rank: logits = x router^T [T][E], the top-k experts and weights of each token [T][k], rows
+// grouped by expert (offsets [E+1], active experts, perm_row / row_token of each of the T k rows).
+struct MoeRouting {
+    DeviceBuffer logits, experts, weights, offsets, active, perm_row, row_token;
+    // Sizes the buffers for T tokens (host side; before any launch that uses them).
+    void reserve(int32_t T, int32_t E, int32_t k);
+    // After reserve: router GEMM, route_topk and moe_permute on `stream`.
+    void route(const bf16_t *x, int32_t T, int32_t d, const bf16_t *router, int32_t E, int32_t k, float norm_p,
+               cublasHandle_t blas, cudaStream_t stream);
+};
+
 class Moe {
 public:
     explicit Moe(const MoeShape &shape) : s_(shape) {}
@@ -46,8 +58,8 @@ public:
     void forward(const bf16_t *x, int32_t n_tokens, const MoeWeights &w, float *h, cublasHandle_t blas,
                  cudaStream_t stream, MoePath path = MoePath::Auto);
     // After forward: the router's choices [T][k] and the number of distinct experts used (synchronises).
-    const int32_t *experts() const { return experts_.as<int32_t>(); }
-    const float *weights() const { return weights_.as<float>(); }
+    const int32_t *experts() const { return r_.experts.as<int32_t>(); }
+    const float *weights() const { return r_.weights.as<float>(); }
     int32_t active_experts(cudaStream_t stream);
     const MoeShape &shape() const { return s_; }
     // The path Auto takes for n_tokens: GEMV, then grouped GEMMs up to the kMoeAuto*MaxTokens
@@ -59,7 +71,8 @@ public:
 
 private:
     MoeShape s_;
-    DeviceBuffer logits_, experts_, weights_, offsets_, active_, perm_row_, row_token_, xp_, gu_, g_, y_;
+    MoeRouting r_;
+    DeviceBuffer xp_, gu_, g_, y_;
     PinnedBuffer host_offsets_;
 };
 
