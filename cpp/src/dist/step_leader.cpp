@@ -62,6 +62,12 @@ std::optional<std::string> LeaderLink::lost() const {
     return lost_;
 }
 
+std::optional<std::string> LeaderLink::wait_lost(std::chrono::milliseconds timeout) const {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait_for(lock, timeout, [&] { return lost_.has_value() || closed_; });
+    return lost_;
+}
+
 void LeaderLink::check_alive() const {
     std::lock_guard<std::mutex> lock(mutex_);
     if (lost_) fail(DBRX_ERR_ENGINE_DEAD, "multi-process group: " + *lost_);
@@ -280,7 +286,9 @@ auto LeaderBackend::step(KvPool &pool, std::span<const SeqStep> batch, bool summ
         return run(lp->inner());
     } catch (const Error &e) {
         if (e.status() != DBRX_ERR_ENGINE_DEAD) throw;  // this batch only, on every process alike
-        const std::optional<std::string> lost = link_->lost();
+        // NCCL may report a dead peer before the watcher has read its closed connection: give the
+        // watcher a moment, so the error names the process that went away.
+        const std::optional<std::string> lost = link_->wait_lost(std::chrono::seconds(1));
         // This process's ranks are dead: the followers must not wait for them in the collectives.
         link_->abandon(std::string("process 0's step failed: ") + e.what());
         if (lost) fail(DBRX_ERR_ENGINE_DEAD, std::string(e.what()) + " [multi-process group: " + *lost + "]");

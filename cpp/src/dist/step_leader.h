@@ -44,6 +44,8 @@ public:
     // Runs on the watcher thread at the first loss, or at once when a follower is already lost.
     void set_on_lost(std::function<void(const std::string &)> on_lost);
     std::optional<std::string> lost() const;
+    // lost(), waiting up to `timeout` for a loss the watcher may not have read yet.
+    std::optional<std::string> wait_lost(std::chrono::milliseconds timeout) const;
     // Throws DBRX_ERR_ENGINE_DEAD naming the lost follower, if any.
     void check_alive() const;
     // Sends one frame to every follower; a failed send loses that follower and throws ENGINE_DEAD.
@@ -68,7 +70,7 @@ private:
     const StepGroupOptions options_;
     int wake_[2] = {-1, -1};
     mutable std::mutex mutex_;
-    std::condition_variable cv_;
+    mutable std::condition_variable cv_;
     std::vector<std::deque<StepReply>> replies_;
     std::optional<std::string> lost_;
     std::function<void(const std::string &)> on_lost_;
