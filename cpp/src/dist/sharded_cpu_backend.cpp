@@ -4,12 +4,12 @@
 #include <exception>
 #include <mutex>
 #include <string>
-#include <system_error>
 #include <thread>
 #include <vector>
 
 #include "backend/cpu/cpu_kv_pool.h"
 #include "dist/cpu_rank.h"
+#include "dist/rank_threads.h"
 #include "dist/shard_plan.h"
 #include "dist/thread_communicator.h"
 #include "model/validate.h"
@@ -113,37 +113,17 @@ void ShardedCpuBackend::forward(KvPool &pool, std::span<const SeqStep> batch, fl
     }
     if (step.tokens.empty()) return;
 
-    // One thread per rank for the step. The first failure is the root cause: every other rank's
-    // error follows from the abort it triggers (or names the rank it timed out waiting for).
-    std::mutex failure_mutex;
-    std::string first_failure;
-    auto run_rank = [&](int32_t r) {
-        try {
-            ranks_[r]->forward(step, kv.rank(r), *comms_[r], logits, sharded_.before_layer);
-        } catch (const std::exception &e) {
-            {
-                std::lock_guard<std::mutex> failure_lock(failure_mutex);
-                if (first_failure.empty()) first_failure = "rank " + std::to_string(r) + ": " + e.what();
-            }
-            comms_[r]->abort(e.what());
-        }
-    };
-    std::vector<std::thread> threads;
-    threads.reserve(static_cast<size_t>(plan_.world_size) - 1);
-    try {
-        for (int32_t r = 1; r < plan_.world_size; ++r) threads.emplace_back(run_rank, r);
-    } catch (const std::system_error &e) {
-        // The started ranks would wait at their first collective: release them before unwinding.
-        comms_[0]->abort(std::string("cannot start the rank threads: ") + e.what());
-        for (auto &t : threads) t.join();
-        dead_ = std::string("cannot start the rank threads: ") + e.what();
-        fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + dead_);
-    }
-    run_rank(0);
-    for (auto &t : threads) t.join();
-    if (!first_failure.empty()) {
-        dead_ = first_failure;
-        fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + first_failure);
+    // One thread per rank for the step (rank_threads.h: the first failure is the root cause).
+    const std::string failure = run_rank_threads(
+        static_cast<size_t>(plan_.world_size),
+        [&](size_t r) {
+            ranks_[r]->forward(step, kv.rank(static_cast<int32_t>(r)), *comms_[r], logits, sharded_.before_layer);
+        },
+        [](size_t r) { return "rank " + std::to_string(r); },
+        [&](size_t r, const std::string &why) { comms_[r]->abort(why); });
+    if (!failure.empty()) {
+        dead_ = failure;
+        fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + failure);
     }
 }
 

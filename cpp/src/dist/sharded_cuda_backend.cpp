@@ -10,11 +10,10 @@
 #include <exception>
 #include <map>
 #include <mutex>
-#include <system_error>
-#include <thread>
 
 #include "backend/cuda/cuda_backend.h"
 #include "dist/cuda_rank.h"
+#include "dist/rank_threads.h"
 #include "dist/shard_plan.h"
 #include "dist/thread_communicator.h"
 #include "model/validate.h"
@@ -287,13 +286,11 @@ void ShardedCuda::forward(KvPool &pool, std::span<const SeqStep> batch, float *l
 
     align_graphs();
 
-    // One thread per rank. The first failure is the root cause: the others follow from the abort it
-    // triggers (or name the rank they timed out waiting for).
-    std::mutex failure_mutex;
-    std::string first_failure;
-    auto run_rank = [&](size_t i) {
-        Rank &r = ranks_[i];
-        try {
+    // One thread per rank (rank_threads.h: the first failure is the root cause).
+    const std::string failure = run_rank_threads(
+        ranks_.size(),
+        [&](size_t i) {
+            Rank &r = ranks_[i];
             auto *rank_pool = dynamic_cast<cuda::CudaKvPool *>(&kv->rank(i));
             if (!rank_pool) fail(DBRX_ERR_INTERNAL, "rank KV pool is not a CUDA pool");
             // The rank's backend is driven only from here, under mutex_: compute_logits needs no lock
@@ -306,29 +303,12 @@ void ShardedCuda::forward(KvPool &pool, std::span<const SeqStep> batch, float *l
                 DBRX_CUDA_CHECK(cudaMemcpy(logits, r.backend->device_logits(),
                                            sizeof(float) * n * static_cast<size_t>(cfg_.vocab_size),
                                            cudaMemcpyDeviceToHost));
-        } catch (const std::exception &e) {
-            {
-                std::lock_guard<std::mutex> failure_lock(failure_mutex);
-                if (first_failure.empty()) first_failure = "rank " + num(r.rank) + " (GPU " + num(r.device) + "): " + e.what();
-            }
-            r.reduce->communicator().abort(e.what());
-        }
-    };
-    std::vector<std::thread> threads;
-    threads.reserve(ranks_.size() - 1);
-    try {
-        for (size_t i = 1; i < ranks_.size(); ++i) threads.emplace_back(run_rank, i);
-    } catch (const std::system_error &e) {
-        ranks_[0].reduce->communicator().abort(std::string("cannot start the rank threads: ") + e.what());
-        for (auto &t : threads) t.join();
-        dead_ = std::string("cannot start the rank threads: ") + e.what();
-        fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + dead_);
-    }
-    run_rank(0);
-    for (auto &t : threads) t.join();
-    if (!first_failure.empty()) {
-        dead_ = first_failure;
-        fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + first_failure);
+        },
+        [&](size_t i) { return "rank " + num(ranks_[i].rank) + " (GPU " + num(ranks_[i].device) + ")"; },
+        [&](size_t i, const std::string &why) { ranks_[i].reduce->communicator().abort(why); });
+    if (!failure.empty()) {
+        dead_ = failure;
+        fail(DBRX_ERR_ENGINE_DEAD, name() + ": " + failure);
     }
     check_graphs();
 }
