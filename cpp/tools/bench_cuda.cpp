@@ -5,8 +5,10 @@
 
 #include "bench_cuda.h"
 
+#include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <numeric>
 
 #include <nlohmann/json.hpp>
 
@@ -33,6 +35,30 @@ double time_ms(cudaStream_t stream, int warmup, int iters, const std::function<v
     cudaEventDestroy(a);
     cudaEventDestroy(b);
     return ms / iters;
+}
+
+void write_json(const std::string &path, const nlohmann::json &doc) {
+    std::ofstream f(path);
+    if (!f) throw ApiError(DBRX_ERR_IO, "cannot write " + path);
+    f << doc.dump(2) << "\n";
+}
+
+double expected_active_share(int32_t n_experts, int32_t top_k, double batch) {
+    return 1 - std::pow(1.0 - double(top_k) / n_experts, batch);
+}
+
+DecodeSequences decode_sequences(int32_t B, int32_t per_seq, int32_t ctx, std::mt19937 &rng,
+                                 std::uniform_int_distribution<int32_t> &tok) {
+    DecodeSequences s;
+    s.tables.resize(B);
+    s.prompts.resize(B);
+    for (int32_t b = 0; b < B; ++b) {
+        s.tables[b].resize(per_seq);
+        std::iota(s.tables[b].begin(), s.tables[b].end(), b * per_seq);
+        s.prompts[b].resize(ctx);
+        for (auto &t : s.prompts[b]) t = tok(rng);
+    }
+    return s;
 }
 
 Ceilings measure_ceilings(cudaStream_t stream) {
@@ -119,11 +145,7 @@ int run_bench(int argc, char **argv) {
                                    {"basis", r.basis},
                                    {"extra", r.extra}});
         }
-        if (!json_path.empty()) {
-            std::ofstream f(json_path);
-            if (!f) throw ApiError(DBRX_ERR_IO, "cannot write " + json_path);
-            f << out.dump(2) << "\n";
-        }
+        if (!json_path.empty()) bench::write_json(json_path, out);
     } catch (const Error &e) {
         throw ApiError(e.status(), e.what());
     }

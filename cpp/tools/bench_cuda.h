@@ -6,9 +6,13 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 
 namespace dbrx::cli::bench {
 
@@ -32,6 +36,21 @@ struct Row {
 };
 double floor_ms(double bytes, double flops, const Ceilings &c);
 std::string bytes_flops_basis(double bytes, double flops, const Ceilings &c);
+
+// Writes `doc` (indented, newline-terminated) to `path`; ApiError(DBRX_ERR_IO) when it cannot.
+void write_json(const std::string &path, const nlohmann::json &doc);
+
+// The share of n_experts experts a batch of `batch` tokens is expected to touch under uniform top-k
+// routing (1 - P(an expert is chosen by no token)).
+double expected_active_share(int32_t n_experts, int32_t top_k, double batch);
+
+// B decode sequences: sequence b owns the per_seq blocks from b * per_seq and a prompt of ctx tokens
+// drawn from tok(rng), sequence by sequence.
+struct DecodeSequences {
+    std::vector<std::vector<int32_t>> tables, prompts;
+};
+DecodeSequences decode_sequences(int32_t B, int32_t per_seq, int32_t ctx, std::mt19937 &rng,
+                                 std::uniform_int_distribution<int32_t> &tok);
 
 // Kernel-level figures (bench_cuda_kernels.cpp): one MoE layer at several token counts; attention
 // prefill and paged decode.

@@ -17,9 +17,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
-#include <fstream>
-#include <numeric>
 #include <random>
 #include <set>
 
@@ -52,7 +49,7 @@ double rank_decode_bytes(const ModelConfig &g, const dist::RankShard &s, double 
     const double d = g.d_model, hd = g.head_dim, nq = s.q_heads.size(), nkv = s.kv_heads.size();
     const double attn = ((nq + 2 * nkv) * hd * d + d * nq * hd + g.n_experts * d + 2 * d) * 2;
     const double held = s.experts.size();
-    const double active = held * (1 - std::pow(1.0 - double(g.top_k) / g.n_experts, B));
+    const double active = held * bench::expected_active_share(g.n_experts, g.top_k, B);
     const double experts = active * 3 * s.ffn.size() * d * 2;
     const double kv = B * ctx * nkv * hd * 2 * 2;
     return g.n_layers * (attn + experts + kv) + double(s.vocab.size()) * d * 2;
@@ -137,13 +134,8 @@ int run_bench_dist(int argc, char **argv) {
         std::printf("\n%-22s %10s %13s %12s %14s %10s %9s\n", "decode", "step ms", "no-graph ms", "coll ms/lyr",
                     "coll share", "floor ms", "fraction");
         for (int32_t B : batches) {
-            std::vector<std::vector<int32_t>> tables(B), prompts(B);
-            for (int32_t b = 0; b < B; ++b) {
-                tables[b].resize(per_seq);
-                std::iota(tables[b].begin(), tables[b].end(), b * per_seq);
-                prompts[b].resize(ctx);
-                for (auto &t : prompts[b]) t = tok(rng);
-            }
+            const bench::DecodeSequences seqs = bench::decode_sequences(B, per_seq, ctx, rng, tok);
+            const auto &tables = seqs.tables, &prompts = seqs.prompts;
             for (int32_t b = 0; b < B; ++b) {  // one prefill per sequence bounds the activations
                 SeqStep pre{prompts[b], 0, tables[b], false};
                 be->forward(*pool, std::span<const SeqStep>(&pre, 1), logits.data());
@@ -200,11 +192,7 @@ int run_bench_dist(int argc, char **argv) {
                                     {"kv_bytes", s.kv_bytes}, {"other_bytes", s.workspace_bytes},
                                     {"graph_replays", s.graph_replays}});
         }
-        if (!json_path.empty()) {
-            std::ofstream f(json_path);
-            if (!f) throw ApiError(DBRX_ERR_IO, "cannot write " + json_path);
-            f << out.dump(2) << "\n";
-        }
+        if (!json_path.empty()) bench::write_json(json_path, out);
     } catch (const Error &e) {
         throw ApiError(e.status(), e.what());
     }

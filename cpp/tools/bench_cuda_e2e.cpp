@@ -74,13 +74,8 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
     }
     // Decode at several batch sizes after a 1024-token prefill of each sequence.
     for (int32_t B : {1, 8, 64}) {
-        std::vector<std::vector<int32_t>> tables(B), prompts(B);
-        for (int32_t b = 0; b < B; ++b) {
-            tables[b].resize(per_seq);
-            std::iota(tables[b].begin(), tables[b].end(), b * per_seq);
-            prompts[b].resize(ctx0);
-            for (auto &t : prompts[b]) t = tok(rng);
-        }
+        const DecodeSequences seqs = decode_sequences(B, per_seq, ctx0, rng, tok);
+        const auto &tables = seqs.tables, &prompts = seqs.prompts;
         std::vector<SeqStep> pre(B);
         for (int32_t b = 0; b < B; ++b) pre[b] = SeqStep{prompts[b], 0, tables[b], false};
         for (int32_t b = 0; b < B; b += 8)  // prefill in groups of 8 to bound activation memory
@@ -110,7 +105,7 @@ void bench_end_to_end(int32_t layers, const Ceilings &c, bool quick, std::vector
             ++pos;
         };
         // Experts a batch touches per layer: all 4 at B=1, the expected distinct count above.
-        const double experts = cfg.n_experts * (1 - std::pow(1.0 - double(cfg.top_k) / cfg.n_experts, B));
+        const double experts = cfg.n_experts * expected_active_share(cfg.n_experts, cfg.top_k, B);
         const double bytes = decode_bytes(cfg, experts, B, ctx0 + warmup + steps / 2.0);
         double graph_ms = 0;
         for (Mode m : {Mode::Graphs, Mode::DeviceStage, Mode::NoGraphs, Mode::FullLogits}) {
