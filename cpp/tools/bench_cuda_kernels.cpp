@@ -7,7 +7,6 @@
 #include <random>
 
 #include "backend/cuda/device_model.h"
-#include "backend/cuda/flash_prefill_wgmma.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/moe.h"
 #include "bench_cuda.h"
@@ -107,12 +106,10 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
     const int32_t splits = flash ? 1 : attention_splits(T, KV, ctx);
     DeviceBuffer scratch(attention_scratch_bytes(T, H, hd, splits));
     DeviceBuffer out(sizeof(bf16_t) * T * H * hd);
-    // The kernel the backend picks: wgmma on Hopper at head dim 128, else the mma.sync one.
-    const bool wgmma = flash && flash_prefill_wgmma_supported(hd, bs);
     const double ms = time_ms(stream, 2, n_new > 1 ? 5 : 50, [&] {
         if (flash)
-            (wgmma ? flash_prefill_wgmma : flash_prefill)(dq.as<float>(), static_cast<int32_t>(tiles.size() / 4), H,
-                                                           dtiles.as<int32_t>(), tm, kv, out.as<bf16_t>(), stream);
+            flash_prefill(dq.as<float>(), static_cast<int32_t>(tiles.size() / 4), H, dtiles.as<int32_t>(), tm, kv,
+                          out.as<bf16_t>(), stream);
         else
             attention(dq.as<float>(), T, H, tm, kv, ctx, splits, scratch.get(), out.as<bf16_t>(), stream);
     });
@@ -123,7 +120,7 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
     const double bytes = static_cast<double>(seqs) * ctx * KV * hd * 2 * 2 + T * H * hd * (4.0 + 2.0);
     rows.push_back({label, ms, floor_ms(bytes, flops, c), bytes_flops_basis(bytes, flops, c),
                     rate(flops / (ms * 1e-3) / 1e12, "TFLOP/s") + ", " + rate(bytes / (ms * 1e-3) / 1e12, "TB/s") +
-                        (flash ? (wgmma ? ", flash (wgmma)" : ", flash (mma.sync)") : ", split-K x" + std::to_string(splits))});
+                        (flash ? ", flash" : ", split-K x" + std::to_string(splits))});
     std::printf("%-44s %.4f ms\n", label, ms);
     std::fflush(stdout);
 }

@@ -9,7 +9,6 @@
 #include <string_view>
 #include <vector>
 
-#include "backend/cuda/flash_prefill_wgmma.h"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/kernels.h"
 
@@ -295,9 +294,6 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
     const float clip = c.clip_qkv ? *c.clip_qkv : 0.f;
 
     const auto gemm = invariant_ ? gemm_xwt_invariant : gemm_xwt;
-    // Hopper's warpgroup-MMA prefill kernel where it exists (head dim 128, sm_90a): 1.3-1.5x the
-    // mma.sync one at S = 4096..16384 on the H200, same tiles and semantics.
-    const bool wgmma = st.n_tiles > 0 && flash_prefill_wgmma_supported(c.head_dim, pool.block_size());
     embed(m + st.ids, model_->wte.as<bf16_t>(), h_.as<float>(), T, d, s);
     for (int32_t l = 0; l < c.n_layers; ++l) {
         const DeviceLayer &L = model_->layers[l];
@@ -309,9 +305,7 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
         if (st.n_dec > 0)
             attention(q_.as<float>(), st.n_dec, H, tm, kv, st.attn_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s,
                       dec_list);
-        if (st.n_tiles > 0)
-            (wgmma ? flash_prefill_wgmma : flash_prefill)(q_.as<float>(), st.n_tiles, H, m + st.tiles, tm, kv,
-                                                           attn_.as<bf16_t>(), s);
+        flash_prefill(q_.as<float>(), st.n_tiles, H, m + st.tiles, tm, kv, attn_.as<bf16_t>(), s);
         if (hooks_) hooks_->out_proj(l, attn_.as<bf16_t>(), T, h_.as<float>(), blas_.get(), s);
         else gemm(blas_.get(), attn_.as<bf16_t>(), T, d, L.out_proj.as<bf16_t>(), d, h_.as<float>(), 1.f);
         layernorm(h_.as<float>(), nullptr, L.norm_2.as<bf16_t>(), x_.as<bf16_t>(), T, d, s);
