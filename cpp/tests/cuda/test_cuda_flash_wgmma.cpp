@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <span>
+#include <string>
 #include <thread>
 
 #include "backend/cuda/flash_prefill_wgmma.h"
@@ -60,29 +61,29 @@ struct DeviceProblem {
     DeviceBuffer cache, q, pos, seq, boff, blocks, tiles, out;
     KvLayer kv;
     TokenMeta meta;
-    int32_t n_tiles, Tn;
+    int32_t n_tiles, Tn, H;
     Stream stream;
     explicit DeviceProblem(const Problem &p)
         : cache(to_device(p.cache)), q(to_device(p.q)), pos(to_device(p.new_pos)), seq(to_device(p.new_seq)),
           boff(to_device(p.block_off)), blocks(to_device(p.blocks)), tiles(to_device(p.tiles)),
-          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())), kv{cache.as<bf16_t>(), 2 * p.half(), p.half(), p.bs, kKV, kHd},
+          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())), kv{cache.as<bf16_t>(), 2 * p.half(), p.half(), p.bs, p.s.KV, p.s.hd},
           meta{pos.as<int32_t>(), seq.as<int32_t>(), boff.as<int32_t>(), blocks.as<int32_t>()},
-          n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), Tn(p.n_tokens()) {
+          n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), Tn(p.n_tokens()), H(p.s.H) {
         // Pageable cudaMemcpy may return before its DMA lands; the launches run on a non-blocking stream.
         DBRX_CUDA_CHECK(cudaDeviceSynchronize());
     }
     void launch(int32_t variant) {
         const float *qp = q.as<float>();
         const int32_t *tp = tiles.as<int32_t>();
-        if (variant == -2) flash_prefill(qp, n_tiles, kH, tp, meta, kv, out.as<bf16_t>(), stream.get());
-        else if (variant == -1) flash_prefill_wgmma(qp, n_tiles, kH, tp, meta, kv, out.as<bf16_t>(), stream.get());
-        else wgfa::prefill_variant(variant, qp, n_tiles, kH, tp, meta, kv, out.as<bf16_t>(), stream.get());
+        if (variant == -2) flash_prefill(qp, n_tiles, H, tp, meta, kv, out.as<bf16_t>(), stream.get());
+        else if (variant == -1) flash_prefill_wgmma(qp, n_tiles, H, tp, meta, kv, out.as<bf16_t>(), stream.get());
+        else wgfa::prefill_variant(variant, qp, n_tiles, H, tp, meta, kv, out.as<bf16_t>(), stream.get());
     }
     std::vector<float> run(int32_t variant) {
         DBRX_CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, out.bytes(), stream.get()));  // NaN where a row is not written
         launch(variant);
         wait_bounded(stream.get(), name(variant));
-        auto got = to_f32(to_host<bf16_t>(out.get(), static_cast<size_t>(Tn) * kH * kHd));
+        auto got = to_f32(to_host<bf16_t>(out.get(), static_cast<size_t>(Tn) * H * kHd));
         // rel_max_err skips NaN (std::max), so unwritten or poisoned rows are counted here.
         const auto bad = std::count_if(got.begin(), got.end(), [](float x) { return !std::isfinite(x); });
         EXPECT_EQ(bad, 0) << "non-finite outputs of " << name(variant);
@@ -138,6 +139,111 @@ TEST(CudaFlashWgmma, MixedPrefixesAndBlockSizes) {
     check_chunks(7, {{0, 130}, {200, 45}}, 54);
     check_chunks(64, {{1000, 100}, {0, 70}}, 55);
 }
+
+// Strict per-row check of one sequence, the shape of tiny-dbrx's 130-token prompt (a full tile, then a
+// tile of a few rows whose second warpgroup has none) at small and DBRX head counts: EVERY row of every
+// head against cpu::attend_one and against flash_prefill, each row within kRowTol * max(1, max |ref
+// row|), so that one wrong row cannot hide behind the whole output's magnitude. Cache slots past the
+// sequence's end hold NaN and the largest finite bf16 in turn (K and V swapped), so a key read past
+// the end shows, whether its P is masked to 0 or not. Q is uniform in +-3 * qmul; `peaked` adds 3x
+// its own key to the query of two tokens in three, so that those rows' diagonal key outscores their
+// first key tile by ~12 in log2 units: the running max moves past the first tile, in some warps of
+// a warpgroup and not in others (the DBRX-shape tests' uniform scores never move it past the lazy
+// slack of 2^8, so they never take the rescale path). Each kernel also runs twice: a kernel that
+// reads what it has not written, or races, shows as two different outputs.
+constexpr double kRowTol = 2e-2;
+
+// Adds 3 K(own position) to the queries of tokens t % 3 != 1 (see above).
+void peak_on_diagonal(Problem &p) {
+    const Shape &s = p.s;
+    for (int32_t t = 0; t < p.n_tokens(); ++t) {
+        if (t % 3 == 1) continue;
+        const int32_t pos = p.new_pos[t], sq = p.new_seq[t];
+        const int64_t blk = p.blocks[p.block_off[sq] + pos / p.bs];
+        for (int32_t h = 0; h < s.H; ++h) {
+            const int32_t kvh = h / (s.H / s.KV);
+            const bf16_t *k = p.cache.data() + blk * 2 * p.half() + (int64_t{pos % p.bs} * s.KV + kvh) * s.hd;
+            float *q = p.q.data() + (int64_t{t} * s.H + h) * s.hd;
+            for (int32_t i = 0; i < s.hd; ++i) q[i] += 3.f * bf16_to_float(k[i]);
+        }
+    }
+}
+
+void poison_tails(Problem &p) {
+    int32_t boff = 0;
+    for (const Chunk &c : p.chunks) {
+        const int32_t len = c.prefix + c.n_new, nb = (len + p.bs - 1) / p.bs;
+        for (int32_t slot = len; slot < nb * p.bs; ++slot) {
+            const int64_t off = p.blocks[boff + slot / p.bs] * 2 * p.half() + int64_t{slot % p.bs} * p.s.KV * p.s.hd;
+            const bf16_t big = 0x7f7f, nan = 0x7fc0;  // 3.39e38 and NaN
+            for (int64_t j = 0; j < int64_t{p.s.KV} * p.s.hd; ++j) {
+                p.cache[off + j] = (slot + j) % 2 ? nan : big;
+                p.cache[off + p.half() + j] = (slot + j) % 2 ? big : nan;
+            }
+        }
+        boff += nb;
+    }
+}
+
+// Counts the rows of `got` off `want` by more than the row tolerance; reports the first few.
+int32_t bad_rows(const Problem &p, const std::vector<float> &got, const std::vector<float> &want, const std::string &what) {
+    int32_t bad = 0;
+    double worst = 0;
+    for (int32_t t = 0; t < p.n_tokens(); ++t)
+        for (int32_t h = 0; h < p.s.H; ++h) {
+            const int64_t o = (int64_t{t} * p.s.H + h) * p.s.hd;
+            double diff = 0, mag = 1;
+            for (int32_t i = 0; i < p.s.hd; ++i) {
+                const double d = std::fabs(static_cast<double>(got[o + i]) - want[o + i]);
+                diff = std::isfinite(d) ? std::max(diff, d) : INFINITY;
+                mag = std::max(mag, std::fabs(static_cast<double>(want[o + i])));
+            }
+            worst = std::max(worst, diff / mag);
+            if (!(diff <= kRowTol * mag) && bad++ < 4)
+                ADD_FAILURE() << what << ": token " << t << " (position " << p.new_pos[t] << ") head " << h
+                              << " max |diff| " << diff << " > " << kRowTol * mag;
+        }
+    std::printf("  %-48s worst row %.2e, bad rows %d\n", what.c_str(), worst, bad);
+    return bad;
+}
+
+void check_strict(Shape s, int32_t prefix, int32_t n, float qmul, bool peaked, uint32_t seed) {
+    if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
+    Problem p = make_problem(s, 16, {{prefix, n}}, seed);
+    for (float &x : p.q) x *= qmul;
+    if (peaked) peak_on_diagonal(p);
+    poison_tails(p);
+    Reference ref_of{p};
+    std::vector<float> ref(static_cast<size_t>(p.n_tokens()) * s.H * s.hd);
+    for (int32_t t = 0; t < p.n_tokens(); ++t)
+        for (int32_t h = 0; h < s.H; ++h) ref_of.attend(t, h, ref.data() + (int64_t{t} * s.H + h) * s.hd);
+    DeviceProblem d(p);
+    const std::string where = "H=" + std::to_string(s.H) + " KV=" + std::to_string(s.KV) + " prefix " +
+                              std::to_string(prefix) + " rows " + std::to_string(n) + " qmul " + std::to_string(qmul) +
+                              (peaked ? " peaked" : "");
+    std::printf("strict %s\n", where.c_str());
+    const auto base = d.run(-2);
+    bad_rows(p, base, ref, where + " flash_prefill vs cpu");
+    for (int32_t v = -1; v < wgfa::variant_count(); ++v) {
+        const auto got = d.run(v);
+        bad_rows(p, got, ref, where + " " + DeviceProblem::name(v) + " vs cpu");
+        bad_rows(p, got, base, where + " " + DeviceProblem::name(v) + " vs flash_prefill");
+        EXPECT_TRUE(d.run(v) == got) << where << " " << DeviceProblem::name(v) << ": two runs differ";
+    }
+}
+
+void check_strict_shape(Shape s, uint32_t seed) {
+    for (int32_t prefix : {0, 7})
+        for (int32_t n : {130, 129, 131, 255, 257})
+            for (int mode = 0; mode < 3; ++mode) check_strict(s, prefix, n, mode == 1 ? 2.5f : 1.f, mode == 2, seed++);
+    // The last chunk of tiny-dbrx's 130-token prompt prefilled in chunks of 20 (rows 120..129).
+    for (int mode = 0; mode < 3; ++mode) check_strict(s, 120, 10, mode == 1 ? 2.5f : 1.f, mode == 2, seed++);
+}
+
+TEST(CudaFlashWgmma, StrictRowsH2KV1) { check_strict_shape({2, 1, kHd}, 71); }  // tiny-dbrx, one rank
+TEST(CudaFlashWgmma, StrictRowsH1KV1) { check_strict_shape({1, 1, kHd}, 81); }  // tiny-dbrx, tensor parallel 2
+TEST(CudaFlashWgmma, StrictRowsH8KV8) { check_strict_shape({8, 8, kHd}, 91); }
+TEST(CudaFlashWgmma, StrictRowsH48KV8) { check_strict_shape(kDbrx, 101); }  // DBRX
 
 // Shapes the kernel is not built for are refused on the host, before any launch.
 TEST(CudaFlashWgmma, RejectsUnsupportedShapes) {

@@ -68,6 +68,17 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// True in all 128 threads of warpgroup wg when `v` is true in any of them (named barrier 1 + wg; 0 is
+// __syncthreads'). A branch around wgmma.wait_group must be uniform over the warpgroup (.aligned), so
+// a per-warp vote (__any_sync) cannot steer one.
+__device__ __forceinline__ bool warpgroup_any(bool v, int wg) {
+    uint32_t r;
+    asm volatile("{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, 128, p;\nselp.u32 %0, 1, 0, q;\n}\n"
+                 : "=r"(r)
+                 : "r"(static_cast<uint32_t>(v)), "r"(1 + wg)
+                 : "memory");
+    return r != 0;
+}
 // Keeps the compiler from moving accesses of an accumulator across a wgmma issue or wait.
 template <int N> __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
@@ -285,8 +296,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
             wgmma_wait<1>();
             fence_regs(s);
             // The wait sits in both arms of a branch on the softmax's result, so that ptxas cannot
-            // schedule it (and the stall on P V) ahead of the softmax.
-            if (softmax(j, corr)) {
+            // schedule it (and the stall on P V) ahead of the softmax. The branch is voted over the
+            // warpgroup: with a per-warp vote, a warp whose rows' max moved past the lazy slack (say
+            // the real rows of a short tile, its other warps holding padding) ran a different
+            // wgmma.wait_group than its siblings, which .aligned leaves undefined.
+            if (warpgroup_any(softmax(j, corr), wg)) {
                 wgmma_wait<0>();
                 fence_regs(o);
                 rescale_o(corr);
