@@ -185,10 +185,12 @@ void poison_tails(Problem &p) {
     }
 }
 
-// Counts the rows of `got` off `want` by more than the row tolerance; reports the first few.
-int32_t bad_rows(const Problem &p, const std::vector<float> &got, const std::vector<float> &want, const std::string &what) {
+// Rows of `got` off `want` by more than the row tolerance (one failure per comparison, naming the
+// first few rows), and the worst row's max |diff| / max(1, max |want row|).
+double check_rows(const Problem &p, const std::vector<float> &got, const std::vector<float> &want, const std::string &what) {
     int32_t bad = 0;
     double worst = 0;
+    std::string first;
     for (int32_t t = 0; t < p.n_tokens(); ++t)
         for (int32_t h = 0; h < p.s.H; ++h) {
             const int64_t o = (int64_t{t} * p.s.H + h) * p.s.hd;
@@ -200,15 +202,18 @@ int32_t bad_rows(const Problem &p, const std::vector<float> &got, const std::vec
             }
             worst = std::max(worst, diff / mag);
             if (!(diff <= kRowTol * mag) && bad++ < 4)
-                ADD_FAILURE() << what << ": token " << t << " (position " << p.new_pos[t] << ") head " << h
-                              << " max |diff| " << diff << " > " << kRowTol * mag;
+                first += " [token " + std::to_string(t) + " pos " + std::to_string(p.new_pos[t]) + " head " +
+                         std::to_string(h) + ": " + std::to_string(diff) + "]";
         }
-    std::printf("  %-48s worst row %.2e, bad rows %d\n", what.c_str(), worst, bad);
-    return bad;
+    EXPECT_EQ(bad, 0) << what << ": rows off by more than " << kRowTol << " x max(1, |ref row|):" << first;
+    return worst;
 }
 
-void check_strict(Shape s, int32_t prefix, int32_t n, float qmul, bool peaked, uint32_t seed) {
-    if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
+// Worst row of each kernel over a shape's cases: [0] flash_prefill vs cpu, then per wgmma kernel
+// (flash_prefill_wgmma, then each shape) vs cpu and vs flash_prefill.
+using Worst = std::vector<double>;
+
+void check_strict(Shape s, int32_t prefix, int32_t n, float qmul, bool peaked, uint32_t seed, Worst &worst) {
     Problem p = make_problem(s, 16, {{prefix, n}}, seed);
     for (float &x : p.q) x *= qmul;
     if (peaked) peak_on_diagonal(p);
@@ -221,23 +226,33 @@ void check_strict(Shape s, int32_t prefix, int32_t n, float qmul, bool peaked, u
     const std::string where = "H=" + std::to_string(s.H) + " KV=" + std::to_string(s.KV) + " prefix " +
                               std::to_string(prefix) + " rows " + std::to_string(n) + " qmul " + std::to_string(qmul) +
                               (peaked ? " peaked" : "");
-    std::printf("strict %s\n", where.c_str());
     const auto base = d.run(-2);
-    bad_rows(p, base, ref, where + " flash_prefill vs cpu");
+    worst.resize(1 + 2 * (1 + wgfa::variant_count()), 0.0);
+    worst[0] = std::max(worst[0], check_rows(p, base, ref, where + " flash_prefill vs cpu"));
     for (int32_t v = -1; v < wgfa::variant_count(); ++v) {
         const auto got = d.run(v);
-        bad_rows(p, got, ref, where + " " + DeviceProblem::name(v) + " vs cpu");
-        bad_rows(p, got, base, where + " " + DeviceProblem::name(v) + " vs flash_prefill");
+        const size_t i = 1 + 2 * static_cast<size_t>(v + 1);
+        worst[i] = std::max(worst[i], check_rows(p, got, ref, where + " " + DeviceProblem::name(v) + " vs cpu"));
+        worst[i + 1] =
+            std::max(worst[i + 1], check_rows(p, got, base, where + " " + DeviceProblem::name(v) + " vs flash_prefill"));
         EXPECT_TRUE(d.run(v) == got) << where << " " << DeviceProblem::name(v) << ": two runs differ";
     }
 }
 
 void check_strict_shape(Shape s, uint32_t seed) {
+    if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
+    Worst worst;
     for (int32_t prefix : {0, 7})
         for (int32_t n : {130, 129, 131, 255, 257})
-            for (int mode = 0; mode < 3; ++mode) check_strict(s, prefix, n, mode == 1 ? 2.5f : 1.f, mode == 2, seed++);
+            for (int mode = 0; mode < 3; ++mode)
+                check_strict(s, prefix, n, mode == 1 ? 2.5f : 1.f, mode == 2, seed++, worst);
     // The last chunk of tiny-dbrx's 130-token prompt prefilled in chunks of 20 (rows 120..129).
-    for (int mode = 0; mode < 3; ++mode) check_strict(s, 120, 10, mode == 1 ? 2.5f : 1.f, mode == 2, seed++);
+    for (int mode = 0; mode < 3; ++mode) check_strict(s, 120, 10, mode == 1 ? 2.5f : 1.f, mode == 2, seed++, worst);
+    std::printf("strict H=%d KV=%d worst row: flash_prefill vs cpu %.2e", s.H, s.KV, worst[0]);
+    for (int32_t v = -1; v < wgfa::variant_count(); ++v)
+        std::printf("; %s vs cpu %.2e, vs flash_prefill %.2e", DeviceProblem::name(v), worst[1 + 2 * (v + 1)],
+                    worst[2 + 2 * (v + 1)]);
+    std::printf("\n");
 }
 
 TEST(CudaFlashWgmma, StrictRowsH2KV1) { check_strict_shape({2, 1, kHd}, 71); }  // tiny-dbrx, one rank
