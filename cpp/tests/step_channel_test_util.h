@@ -21,35 +21,13 @@
 
 #include "dist/step_channel.h"
 #include "dist/step_wire.h"
+#include "dist/unique_fd.h"
 #include "model/backend.h"
 #include "util/error.h"
 
 namespace dbrx::testing {
 
-class OwnedFd {
-public:
-    explicit OwnedFd(int fd = -1) : fd_(fd) {}
-    ~OwnedFd() { reset(); }
-    OwnedFd(OwnedFd &&o) noexcept : fd_(o.release()) {}
-    OwnedFd &operator=(OwnedFd &&o) noexcept {
-        reset();
-        fd_ = o.release();
-        return *this;
-    }
-    int get() const { return fd_; }
-    int release() {
-        const int fd = fd_;
-        fd_ = -1;
-        return fd;
-    }
-    void reset() {
-        if (fd_ >= 0) ::close(fd_);
-        fd_ = -1;
-    }
-
-private:
-    int fd_;
-};
+using OwnedFd = dist::UniqueFd;
 
 // Two ends of one localhost TCP connection.
 inline std::pair<OwnedFd, OwnedFd> tcp_pair() {

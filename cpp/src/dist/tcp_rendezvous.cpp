@@ -1,4 +1,5 @@
 #include "dist/tcp_rendezvous.h"
+#include "dist/unique_fd.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -30,34 +31,7 @@ constexpr auto kHelloTimeout = std::chrono::seconds(2);
 
 std::string num(int64_t v) { return std::to_string(v); }
 
-// Owns a socket descriptor.
-class Fd {
-public:
-    explicit Fd(int fd = -1) : fd_(fd) {}
-    ~Fd() { reset(); }
-    Fd(Fd &&o) noexcept : fd_(o.fd_) { o.fd_ = -1; }
-    Fd &operator=(Fd &&o) noexcept {
-        if (this != &o) {
-            reset();
-            fd_ = o.fd_;
-            o.fd_ = -1;
-        }
-        return *this;
-    }
-    int get() const { return fd_; }
-    int release() {
-        int fd = fd_;
-        fd_ = -1;
-        return fd;
-    }
-    void reset() {
-        if (fd_ >= 0) ::close(fd_);
-        fd_ = -1;
-    }
-
-private:
-    int fd_;
-};
+using Fd = UniqueFd;
 
 int remaining_ms(Clock::time_point deadline) {
     auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();

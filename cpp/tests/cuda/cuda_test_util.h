@@ -13,6 +13,16 @@
 
 namespace dbrx::cuda::test {
 
+// CUDA devices this process sees (0 when the runtime finds none or fails).
+inline int visible_gpus() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
 template <class T> DeviceBuffer to_device(const std::vector<T> &v) {
     DeviceBuffer b(std::max<size_t>(1, v.size() * sizeof(T)), "test input");
     DBRX_CUDA_CHECK(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "dbrx/dbrx.h"
+#include "cuda_test_util.h"
 #include "reference_fixture.h"
 
 extern char **environ;
@@ -41,14 +42,7 @@ constexpr double kMarginFloor = 0.2;                      // as test_cuda_sharde
 constexpr float kLogitTolerance = 0.05f;                  // bf16 weights, another reduction order
 const char *const kFixtures[] = {"/fixtures/tiny-dbrx", "/models/tiny-dbrx-cl100k"};
 
-int visible_gpus() {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    return n;
-}
+using dbrx::cuda::test::visible_gpus;
 
 // A port free right now on localhost (process 0 binds it again a moment later).
 int32_t free_port() {

@@ -20,6 +20,7 @@
 #include "dbrx/dbrx.h"
 #include "dist/sharded_cuda_backend.h"
 #include "io/checkpoint.h"
+#include "cuda_test_util.h"
 #include "reference_fixture.h"
 #include "util/error.h"
 
@@ -47,14 +48,7 @@ int32_t argmax(const std::vector<float> &v) {
     return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
 }
 
-int visible_gpus() {
-    int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    return n;
-}
+using dbrx::cuda::test::visible_gpus;
 
 // DBRX_CUDA_GRAPHS=0 turns the decode graphs off (cuda_backend.h).
 bool graphs_enabled() {
