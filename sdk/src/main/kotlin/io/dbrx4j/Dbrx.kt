@@ -42,6 +42,20 @@ object Dbrx {
     @JvmOverloads
     fun load(path: String, options: LoadOptions = LoadOptions.DEFAULTS): DbrxModel = load(Paths.get(path), options)
 
+    /**
+     * For every process but the first of a model spread over several processes (hosts): loads this
+     * process's shards ([LoadOptions.Builder.nodes], [LoadOptions.Builder.nodeRank] > 0,
+     * [LoadOptions.Builder.rendezvous]) and runs the steps process 0's engine sends until process 0
+     * closes its model; blocks the calling thread meanwhile. Throws [DbrxEngineException] (status ENGINE_DEAD) when
+     * process 0 goes away or a step fails here, [DbrxInvalidArgumentException] on process 0 or a
+     * single process (which serve requests through [load] instead).
+     */
+    @JvmStatic
+    fun serveRank(path: Path, options: LoadOptions) {
+        if (!Files.isDirectory(path)) throw DbrxBadCheckpointException("IO", "not a checkpoint directory: $path")
+        NativeEngine.serve(path, options)
+    }
+
     /** The native runtime's version. */
     @JvmStatic
     fun version(): String {

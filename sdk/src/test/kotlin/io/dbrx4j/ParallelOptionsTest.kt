@@ -52,4 +52,10 @@ class ParallelOptionsTest {
         }
         assertTrue(rank.message!!.contains("params.node_rank 5 outside [0, n_nodes 2)"), rank.message)
     }
+
+    @Test
+    fun `serveRank refuses a process that should run the engine`() {
+        val e = assertThrows<DbrxInvalidArgumentException> { Dbrx.serveRank(Fixtures.modelDir, Fixtures.options) }
+        assertTrue(e.message!!.contains("dbrx_model_serve is for processes with node_rank > 0"), e.message)
+    }
 }

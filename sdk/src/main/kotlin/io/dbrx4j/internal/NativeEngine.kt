@@ -137,6 +137,20 @@ internal class NativeEngine private constructor(
             }
         }
 
+        /**
+         * A follower process of a multi-process model (node_rank > 0): loads this process's shards, then
+         * runs process 0's steps until process 0 frees its model (dbrx_model_serve).
+         */
+        fun serve(dir: Path, options: LoadOptions) {
+            Native.ensureLoaded()
+            val model = loadModel(dir, options)
+            try {
+                Native.check(dbrx.dbrx_model_serve(model), "dbrx_model_serve")
+            } finally {
+                dbrx.dbrx_model_free(model)
+            }
+        }
+
         private fun loadModel(dir: Path, options: LoadOptions): dbrx_model {
             val callback = options.progress?.let { ProgressCallback(it) }
             try {
