@@ -1,8 +1,10 @@
 // The Hopper wgmma prefill kernel (flash_prefill_wgmma and its shapes) against cpu::attend_one and
 // against flash_prefill (the mma.sync kernel): chunks of 1..300 rows over prefixes 0 and 1000, several
-// sequences per launch, ragged tiles, odd block sizes, then one long sequence at S=4096 and S=16384,
-// timed against flash_prefill. Every launch runs on its own stream and is waited for with a 10 s
-// bound: a kernel that hangs ends the process with a message instead of stalling the run.
+// sequences per launch, ragged tiles, odd block sizes, strict per-row checks at tiny-dbrx's and DBRX's
+// head counts, the backend's use (chunks of 20 over a prefix, long block tables, metadata packed in
+// one buffer, every kind of stream, two host threads at once), then one long sequence at S=4096 and
+// S=16384, timed against flash_prefill. Every launch is waited for with a 10 s bound: a kernel that
+// hangs ends the process with a message instead of stalling the run.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -333,6 +335,7 @@ TEST(CudaFlashWgmma, MetadataInOneBufferAtEveryOffset) {
                 const int64_t pos = put(p.new_pos), seq = put(p.new_seq), boff = put(p.block_off), tiles = put(p.tiles),
                               blocks = put(p.blocks);
                 const DeviceBuffer m = to_device(meta);
+                DBRX_CUDA_CHECK(cudaDeviceSynchronize());  // the pageable upload has landed (non-blocking stream)
                 const int32_t *base = m.as<int32_t>();
                 const TokenMeta tm{base + pos, base + seq, base + boff, base + blocks};
                 const auto got = d.run_wgmma_on(base + tiles, tm, d.stream.get());
