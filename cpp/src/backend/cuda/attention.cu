@@ -74,25 +74,58 @@ size_t attention_scratch_bytes(int32_t n_tokens, int32_t n_heads, int32_t head_d
 
 namespace attn {
 
+namespace {
+
+struct BankEntry {
+    int dev;
+    cudaStream_t stream;
+    int32_t bank;
+};
+struct BankTable {
+    std::mutex mu;
+    std::vector<BankEntry> entries;
+};
+BankTable &bank_table() {
+    static BankTable t;
+    return t;
+}
+
+// A Stream is being destroyed: let its last launches finish (their counters return to zero), then
+// free its banks for the next stream.
+void release_banks(cudaStream_t stream) {
+    BankTable &t = bank_table();
+    std::lock_guard<std::mutex> lock(t.mu);
+    const auto held = [&](const BankEntry &e) { return e.stream == stream; };
+    if (std::none_of(t.entries.begin(), t.entries.end(), held)) return;
+    cudaStreamSynchronize(stream);
+    cudaGetLastError();  // a destructor path: an error here belongs to the stream's owner
+    t.entries.erase(std::remove_if(t.entries.begin(), t.entries.end(), held), t.entries.end());
+}
+
+}  // namespace
+
 int32_t counter_bank(cudaStream_t stream) {
-    struct Entry {
-        int dev;
-        cudaStream_t stream;
-        int32_t bank;
-    };
-    static std::mutex mu;
-    static std::vector<Entry> entries;
-    static int32_t next[64] = {};
+    static const bool hooked = (add_stream_retire_hook(release_banks), true);
+    (void)hooked;
     int dev = 0;
     DBRX_CUDA_CHECK(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lock(mu);
-    for (const Entry &e : entries)
-        if (e.dev == dev && e.stream == stream) return e.bank;
-    // A destroyed stream's handle may come back for a new stream: it then keeps the old bank, which
-    // no other live stream got after it unless more than kCounterBanks streams were seen.
-    const int32_t bank = next[dev & 63]++ % kCounterBanks;
-    entries.push_back({dev, stream, bank});
-    return bank;
+    BankTable &t = bank_table();
+    std::lock_guard<std::mutex> lock(t.mu);
+    bool used[kCounterBanks] = {};
+    for (const BankEntry &e : t.entries) {
+        if (e.dev != dev) continue;
+        if (e.stream == stream) return e.bank;
+        used[e.bank] = true;
+    }
+    // Live streams never share a bank: Streams give theirs back when destroyed (release_banks).
+    for (int32_t b = 0; b < kCounterBanks; ++b)
+        if (!used[b]) {
+            t.entries.push_back({dev, stream, b});
+            return b;
+        }
+    fail(DBRX_ERR_UNSUPPORTED, "CUDA decode attention: more than " + std::to_string(kCounterBanks) +
+                                   " streams use it at once on device " + std::to_string(dev) +
+                                   " (one per CUDA model or rank); free a model first");
 }
 
 }  // namespace attn

@@ -47,12 +47,14 @@ __device__ __forceinline__ float *partial(float *scratch, int64_t slot, int32_t 
 // Arrival counters of the fused merge (attention_mma.cu): one per (token of a launch, KV head) in
 // one of kCounterBanks banks of kCounterBankSize, zero when the module loads. The last split CTA of
 // a (token, KV head) to arrive merges the splits and puts its counter back to zero, so every launch
-// (and every replay of a captured one) finds its counters zero. Each stream gets its own bank, so
-// launches on different streams never share a counter; a launch covers at most
+// (and every replay of a captured one) finds its counters zero. Each live stream holds its own bank
+// (given back when its Stream is destroyed), so launches on different streams never share a
+// counter; a launch covers at most
 // kCounterBankSize / n_kv_heads tokens (larger ones go in slices of the same kernel).
-constexpr int32_t kCounterBanks = 8;
+constexpr int32_t kCounterBanks = 16;
 constexpr int32_t kCounterBankSize = 64 * 1024;
-// The bank of `stream` on the current device (assigned on first use, round robin past kCounterBanks).
+// The bank of `stream` on the current device: assigned on first use, the lowest one no other live
+// stream of the device holds; UNSUPPORTED past kCounterBanks live streams.
 int32_t counter_bank(cudaStream_t stream);
 
 struct Launch {

@@ -1,5 +1,11 @@
 #include "backend/cuda/cuda_util.h"
 
+#include <vector>
+
+#include <mutex>
+
+#include <algorithm>
+
 namespace dbrx::cuda {
 
 void throw_cuda(cudaError_t err, const char *what, const char *file, int line) {
@@ -57,9 +63,34 @@ void PinnedBuffer::reserve(size_t bytes) {
     bytes_ = bytes;
 }
 
+namespace {
+struct RetireHooks {
+    std::mutex mu;
+    std::vector<StreamRetireHook> hooks;
+};
+RetireHooks &retire_hooks() {
+    static RetireHooks h;
+    return h;
+}
+}  // namespace
+
+void add_stream_retire_hook(StreamRetireHook hook) {
+    RetireHooks &h = retire_hooks();
+    std::lock_guard<std::mutex> lock(h.mu);
+    if (std::find(h.hooks.begin(), h.hooks.end(), hook) == h.hooks.end()) h.hooks.push_back(hook);
+}
+
 Stream::Stream() { DBRX_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
 Stream::~Stream() {
-    if (s_) cudaStreamDestroy(s_);
+    if (!s_) return;
+    std::vector<StreamRetireHook> hooks;
+    {
+        RetireHooks &h = retire_hooks();
+        std::lock_guard<std::mutex> lock(h.mu);
+        hooks = h.hooks;
+    }
+    for (StreamRetireHook hook : hooks) hook(s_);
+    cudaStreamDestroy(s_);
 }
 
 CublasHandle::CublasHandle(cudaStream_t stream) {

@@ -96,6 +96,12 @@ public:
     void reserve(size_t bytes);
 };
 
+// Per-stream state kept by other code (the decode attention's merge counters) is released through
+// these hooks just before a Stream destroys its handle, so a new stream that gets the same handle
+// value never inherits it. Hooks run on the destroying thread and must not throw.
+using StreamRetireHook = void (*)(cudaStream_t);
+void add_stream_retire_hook(StreamRetireHook hook);
+
 class Stream {
 public:
     Stream();
