@@ -86,8 +86,8 @@ struct BankTable {
     std::vector<BankEntry> entries;
 };
 BankTable &bank_table() {
-    static BankTable t;
-    return t;
+    static BankTable *t = new BankTable;  // never destroyed: Streams may die during static destruction
+    return *t;
 }
 
 // A Stream is being destroyed: let its last launches finish (their counters return to zero), then

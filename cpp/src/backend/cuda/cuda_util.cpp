@@ -69,8 +69,8 @@ struct RetireHooks {
     std::vector<StreamRetireHook> hooks;
 };
 RetireHooks &retire_hooks() {
-    static RetireHooks h;
-    return h;
+    static RetireHooks *h = new RetireHooks;  // never destroyed: Streams may die during static destruction
+    return *h;
 }
 }  // namespace
 
