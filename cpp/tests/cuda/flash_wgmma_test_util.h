@@ -1,0 +1,119 @@
+// Helpers of the wgmma prefill tests (test_cuda_flash_wgmma*.cpp): the DBRX shape, bounded waits,
+// the Hopper check and a problem uploaded to the device.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+
+#include "backend/cuda/flash_prefill_wgmma.h"
+#include "backend/cuda/kernels.h"
+#include "cuda_test_util.h"
+#include "flash_test_problem.h"
+#include "util/error.h"
+
+namespace dbrx::cuda::test {
+
+constexpr int32_t kH = 48, kKV = 8, kHd = 128;  // DBRX
+constexpr Shape kDbrx{kH, kKV, kHd};
+
+// Waits for `stream` at most `limit_s`; a launch still running then is taken as a hang.
+inline void wait_bounded(cudaStream_t stream, const char *what, double limit_s = 10.0) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (;;) {
+        const cudaError_t e = cudaStreamQuery(stream);
+        if (e == cudaSuccess) return;
+        if (e != cudaErrorNotReady) DBRX_CUDA_CHECK(e);
+        if (std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() > limit_s) {
+            std::fprintf(stderr, "FAIL: %s still running after %.0f s (hang?); exiting\n", what, limit_s);
+            std::fflush(stdout);
+            std::fflush(stderr);
+            std::_Exit(3);
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+}
+
+// False (the test skips) off Hopper; on a Hopper the build must hold the sm_90a kernel.
+inline bool hopper_ready() {
+    int dev = 0, major = 0, minor = 0;
+    DBRX_CUDA_CHECK(cudaGetDevice(&dev));
+    DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    if (major != 9 || minor != 0) return false;
+    EXPECT_TRUE(flash_prefill_wgmma_supported(kHd, 16)) << "Hopper device, but no sm_90a kernel in this build";
+    EXPECT_FALSE(flash_prefill_wgmma_supported(64, 16));
+    EXPECT_FALSE(flash_prefill_wgmma_supported(kHd, 0));
+    return flash_prefill_wgmma_supported(kHd, 16);
+}
+
+// Device copies of a problem; run() launches one kernel (variant -2: flash_prefill, -1:
+// flash_prefill_wgmma, else a wgmma shape) and returns the output.
+struct DeviceProblem {
+    DeviceBuffer cache, q, pos, seq, boff, blocks, tiles, out;
+    KvLayer kv;
+    TokenMeta meta;
+    int32_t n_tiles, Tn, H;
+    Stream stream;
+    explicit DeviceProblem(const Problem &p)
+        : cache(to_device(p.cache)), q(to_device(p.q)), pos(to_device(p.new_pos)), seq(to_device(p.new_seq)),
+          boff(to_device(p.block_off)), blocks(to_device(p.blocks)), tiles(to_device(p.tiles)),
+          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())), kv{cache.as<bf16_t>(), 2 * p.half(), p.half(), p.bs, p.s.KV, p.s.hd},
+          meta{pos.as<int32_t>(), seq.as<int32_t>(), boff.as<int32_t>(), blocks.as<int32_t>()},
+          n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), Tn(p.n_tokens()), H(p.s.H) {
+        // Pageable cudaMemcpy may return before its DMA lands; the launches run on a non-blocking stream.
+        DBRX_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+    void launch(int32_t variant) {
+        const float *qp = q.as<float>();
+        const int32_t *tp = tiles.as<int32_t>();
+        if (variant == -2) flash_prefill(qp, n_tiles, H, tp, meta, kv, out.as<bf16_t>(), stream.get());
+        else if (variant == -1) flash_prefill_wgmma(qp, n_tiles, H, tp, meta, kv, out.as<bf16_t>(), stream.get());
+        else wgfa::prefill_variant(variant, qp, n_tiles, H, tp, meta, kv, out.as<bf16_t>(), stream.get());
+    }
+    std::vector<float> run(int32_t variant) {
+        DBRX_CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, out.bytes(), stream.get()));  // NaN where a row is not written
+        launch(variant);
+        wait_bounded(stream.get(), name(variant));
+        return collect(name(variant));
+    }
+    // flash_prefill_wgmma with the tiles and metadata at `tp` / `m` (copies elsewhere), on stream `s`.
+    std::vector<float> run_wgmma_on(const int32_t *tp, TokenMeta m, cudaStream_t s) {
+        DBRX_CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, out.bytes(), s));
+        flash_prefill_wgmma(q.as<float>(), n_tiles, H, tp, m, kv, out.as<bf16_t>(), s);
+        wait_bounded(s, "flash_prefill_wgmma");
+        return collect("flash_prefill_wgmma");
+    }
+    std::vector<float> collect(const char *what) {
+        auto got = to_f32(to_host<bf16_t>(out.get(), static_cast<size_t>(Tn) * H * kHd));
+        // rel_max_err skips NaN (std::max), so unwritten or poisoned rows are counted here.
+        const auto bad = std::count_if(got.begin(), got.end(), [](float x) { return !std::isfinite(x); });
+        EXPECT_EQ(bad, 0) << "non-finite outputs of " << what;
+        return got;
+    }
+    static const char *name(int32_t variant) {
+        return variant == -2 ? "flash_prefill" : variant == -1 ? "flash_prefill_wgmma" : wgfa::variant_name(variant);
+    }
+};
+
+// The rows of heads `heads` (all rows) of `v` ([Tn][H][hd]).
+inline std::vector<float> pick_heads(const std::vector<float> &v, int32_t Tn, std::span<const int32_t> heads) {
+    std::vector<float> r;
+    for (int32_t t = 0; t < Tn; ++t)
+        for (int32_t h : heads) r.insert(r.end(), v.begin() + (int64_t{t} * kH + h) * kHd, v.begin() + (int64_t{t} * kH + h + 1) * kHd);
+    return r;
+}
+
+// Every row of five heads (three KV groups) against the reference and every head against
+// flash_prefill, for flash_prefill_wgmma and every wgmma shape.
+
+}  // namespace dbrx::cuda::test
