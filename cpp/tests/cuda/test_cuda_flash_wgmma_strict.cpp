@@ -222,6 +222,7 @@ TEST(CudaFlashWgmma, EveryKindOfStream) {
 // once-per-device shared-memory attribute), so run on its own (--gtest_filter=*TwoThreads*) this
 // also covers their first use racing.
 TEST(CudaFlashWgmma, TwoThreadsTwoStreams) {
+    if (visible_gpus() == 0) GTEST_SKIP() << "no CUDA device";
     int dev = 0, major = 0, minor = 0;
     DBRX_CUDA_CHECK(cudaGetDevice(&dev));
     DBRX_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
