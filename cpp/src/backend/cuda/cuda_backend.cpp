@@ -155,11 +155,15 @@ std::unique_ptr<KvPool> CudaBackend::create_kv_pool(int32_t n_blocks, int32_t bl
     return std::make_unique<CudaKvPool>(model_->config, n_blocks, block_size);
 }
 
+CudaKvPool &CudaBackend::own_pool(KvPool &pool) {
+    auto *p = dynamic_cast<CudaKvPool *>(&pool);
+    if (!p) invalid_argument("CUDA backend: the KV pool was not created by this backend");
+    return *p;
+}
+
 void CudaBackend::forward(KvPool &pool_base, std::span<const SeqStep> batch, float *logits) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto *pool = dynamic_cast<CudaKvPool *>(&pool_base);
-    if (!pool) invalid_argument("CUDA backend: the KV pool was not created by this backend");
-    const int32_t n_out = compute_logits(*pool, batch);
+    const int32_t n_out = compute_logits(own_pool(pool_base), batch);
     if (n_out > 0)
         DBRX_CUDA_CHECK(cudaMemcpyAsync(logits, logits_.get(), sizeof(float) * n_out * model_->config.vocab_size,
                                         cudaMemcpyDeviceToHost, stream_.get()));

@@ -79,6 +79,8 @@ public:
     void set_rank_hooks(dist::CudaRankHooks *hooks) { hooks_ = hooks; }
 
 private:
+    // The pool as this backend's own type; INVALID_ARGUMENT for a pool of another backend.
+    static CudaKvPool &own_pool(KvPool &pool);
     struct Step;  // host-side layout of one step's metadata
     void run_layers(const CudaKvPool &pool, const Step &step);
     void device_stage(const CudaKvPool &pool, const Step &step);  // embedding .. lm_head

@@ -20,9 +20,7 @@ bool CudaBackend::forward_summarized(KvPool &pool_base, std::span<const SeqStep>
         invalid_argument("forward_summarized: " + std::to_string(needs.size()) + " needs and " +
                          std::to_string(out.size()) + " summaries for " + std::to_string(rows) + " output rows");
     std::lock_guard<std::mutex> lock(mutex_);
-    auto *pool = dynamic_cast<CudaKvPool *>(&pool_base);
-    if (!pool) invalid_argument("CUDA backend: the KV pool was not created by this backend");
-    const int32_t n_out = compute_logits(*pool, batch);
+    const int32_t n_out = compute_logits(own_pool(pool_base), batch);
     logits_reducer_.enqueue(logits_.as<float>(), n_out, vocab, needs, stream_.get());
     DBRX_CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
     const std::span<const LogitsSummary> got = logits_reducer_.results();
