@@ -7,6 +7,7 @@
 #include <random>
 
 #include "backend/cuda/device_model.h"
+#include "backend/cuda/flash_prefill_wgmma.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/moe.h"
 #include "bench_cuda.h"
@@ -62,8 +63,10 @@ namespace {
 
 // A paged cache of `seqs` sequences of `ctx` positions (random contents) and queries for the last
 // `n_new` positions of each; times attention over it.
+// Prefill rows time the kernel the backend picks (wgmma on Hopper at head dim 128) unless
+// `mma_sync` asks for the portable mma.sync kernel.
 void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, int32_t seqs, int32_t ctx,
-                     int32_t n_new, std::vector<Row> &rows) {
+                     int32_t n_new, std::vector<Row> &rows, bool mma_sync = false) {
     const ModelConfig cfg = dbrx_config(1);
     const int32_t H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.head_dim, bs = 16;
     const int32_t blocks_per = (ctx + bs - 1) / bs;
@@ -106,10 +109,11 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
     const int32_t splits = flash ? 1 : attention_splits(T, KV, ctx);
     DeviceBuffer scratch(attention_scratch_bytes(T, H, hd, splits));
     DeviceBuffer out(sizeof(bf16_t) * T * H * hd);
+    const bool wgmma = flash && !mma_sync && flash_prefill_wgmma_supported(hd, bs);
     const double ms = time_ms(stream, 2, n_new > 1 ? 5 : 50, [&] {
         if (flash)
-            flash_prefill(dq.as<float>(), static_cast<int32_t>(tiles.size() / 4), H, dtiles.as<int32_t>(), tm, kv,
-                          out.as<bf16_t>(), stream);
+            (wgmma ? flash_prefill_wgmma : flash_prefill)(dq.as<float>(), static_cast<int32_t>(tiles.size() / 4), H,
+                                                           dtiles.as<int32_t>(), tm, kv, out.as<bf16_t>(), stream);
         else
             attention(dq.as<float>(), T, H, tm, kv, ctx, splits, scratch.get(), out.as<bf16_t>(), stream);
     });
@@ -120,7 +124,7 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
     const double bytes = static_cast<double>(seqs) * ctx * KV * hd * 2 * 2 + T * H * hd * (4.0 + 2.0);
     rows.push_back({label, ms, floor_ms(bytes, flops, c), bytes_flops_basis(bytes, flops, c),
                     rate(flops / (ms * 1e-3) / 1e12, "TFLOP/s") + ", " + rate(bytes / (ms * 1e-3) / 1e12, "TB/s") +
-                        (flash ? ", flash" : ", split-K x" + std::to_string(splits))});
+                        (flash ? (wgmma ? ", flash (wgmma)" : ", flash (mma.sync)") : ", split-K x" + std::to_string(splits))});
     std::printf("%-44s %.4f ms\n", label, ms);
     std::fflush(stdout);
 }
@@ -132,7 +136,10 @@ void bench_attention_all(cudaStream_t stream, const Ceilings &c, bool quick, std
     bench_attention(stream, c, "attention decode B=1 ctx=32768", 1, 32768, 1, rows);
     bench_attention(stream, c, "attention decode B=64 ctx=8192", 64, 8192, 1, rows);
     bench_attention(stream, c, "attention prefill causal S=4096", 1, 4096, 4096, rows);
+    bench_attention(stream, c, "attention prefill causal S=4096, mma.sync kernel", 1, 4096, 4096, rows, true);
     if (!quick) bench_attention(stream, c, "attention prefill causal S=16384", 1, 16384, 16384, rows);
+    if (!quick)
+        bench_attention(stream, c, "attention prefill causal S=16384, mma.sync kernel", 1, 16384, 16384, rows, true);
 }
 
 }  // namespace dbrx::cli::bench

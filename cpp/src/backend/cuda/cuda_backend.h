@@ -47,6 +47,8 @@ public:
     // Steps made only of decodes run as CUDA graphs when graphs are on (cuda_graphs()).
     int32_t compute_logits(CudaKvPool &pool, std::span<const SeqStep> batch);
     const float *device_logits() const { return logits_.as<float>(); }
+    // For tests: the last layer's queries (fp32 [T][H][hd], rotated) of the last step.
+    const float *device_queries() const { return q_.as<float>(); }
     // Sampling summaries reduced on the device (cuda_backend_logits.cpp).
     bool forward_summarized(KvPool &pool, std::span<const SeqStep> batch, std::span<const LogitsNeed> needs,
                             std::span<LogitsSummary> out) override;
@@ -61,6 +63,11 @@ public:
     }
     // For tests: prefill chunks through the split-K kernel instead of flash attention.
     void set_flash_prefill(bool on) { flash_ = on; }
+    // Which flash-attention kernel prefill chunks take: Auto (the default unless the environment sets
+    // DBRX_FLASH_KERNEL=mma or =wgmma) is Hopper's wgmma kernel where it exists (head dim 128,
+    // sm_90a), else the mma.sync one.
+    enum class FlashKernel { Auto, MmaSync, Wgmma };
+    void set_flash_kernel(FlashKernel k) { flash_kernel_ = k; }
     // Batch-invariant mode (dbrx_model_params.batch_invariant): every token through the same kernels
     // whatever the step holds - GEMMs and the MoE as GEMVs over groups of at most 8 tokens, attention
     // through the split-K kernel whose splits depend on the token's own context only - so a
@@ -93,6 +100,7 @@ private:
     Moe moe_;
     MoePath moe_path_ = MoePath::Auto;
     bool flash_ = true;
+    FlashKernel flash_kernel_;
     bool invariant_ = false;
     bool graphs_on_ = true;
     GraphCache graphs_;
