@@ -8,6 +8,7 @@
 #include <cstdio>
 
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/flash_prefill_wgmma.h"
 #include "backend_seq.h"
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
@@ -129,14 +130,31 @@ TEST_P(CudaConformance, ChunkingBatchingAndMoePathAgree) {
     }
     cuda->set_moe_path(MoePath::Auto);
     EXPECT_LE(max_abs_diff(by_path[0], by_path[1]), 2e-2) << "GEMV and GEMM MoE paths";
-    // Prefill attention through the split-K kernel instead of flash attention.
-    cuda->set_flash_prefill(false);
-    for (size_t ci = 0; ci < f.cases.size(); ++ci) {
-        Seq s{sequential_blocks(static_cast<int32_t>(ci) * per_seq, per_seq)};
-        auto got = prefill(*f.backend, *pool, s, f.cases[ci].prompt, 0, V);
-        EXPECT_LE(max_abs_diff(got, alone[ci]), 5e-2) << "split-K vs flash prefill, case " << ci;
+    // Prefill attention through each kernel: split-K (flash off), flash on mma.sync, flash on wgmma
+    // (where the GPU and head dim have it). Each must conform by itself, within kLogitTolerance of the
+    // float64 reference. They are not held to each other more tightly than that: on tiny-dbrx's
+    // 130-token prompt the three differ pairwise by 0.036-0.055 (H200, 2026-11-29) without any
+    // routing swap - its last position's logits amplify ulp-level differences of attention output -
+    // while each stays within 0.051 of the reference (CudaFlashWgmma.TinyDbrx* hold the kernels row
+    // by row on that prompt's real inputs).
+    using K = CudaBackend::FlashKernel;
+    const bool has_wgmma = flash_prefill_wgmma_supported(f.ckpt->config().head_dim, kBlockSize);
+    for (int path = 0; path < 3; ++path) {
+        if (path == 2 && !has_wgmma) continue;
+        cuda->set_flash_prefill(path > 0);
+        cuda->set_flash_kernel(path == 2 ? K::Wgmma : K::MmaSync);
+        const char *name = path == 0 ? "split-K" : path == 1 ? "flash mma.sync" : "flash wgmma";
+        for (size_t ci = 0; ci < f.cases.size(); ++ci) {
+            Seq s{sequential_blocks(static_cast<int32_t>(ci) * per_seq, per_seq)};
+            auto got = prefill(*f.backend, *pool, s, f.cases[ci].prompt, 0, V);
+            const double err = max_abs_diff(got, f.last_logits(ci));
+            std::printf("%s case %zu, %s prefill attention: max |last logit - ref| %.4f, vs the default %.4f\n",
+                        GetParam(), ci, name, err, max_abs_diff(got, alone[ci]));
+            EXPECT_LE(err, kLogitTolerance) << name << " prefill attention, case " << ci;
+        }
     }
     cuda->set_flash_prefill(true);
+    cuda->set_flash_kernel(K::Auto);
 }
 
 TEST(CudaBackendErrors, RejectsBadSteps) {

@@ -22,6 +22,7 @@
 #include "io/checkpoint.h"
 #include "cuda_test_util.h"
 #include "reference_fixture.h"
+#include "routing_ties.h"
 #include "util/error.h"
 
 namespace dbrx::dist {
@@ -94,10 +95,15 @@ FailedStep step_with_failing_rank(const Checkpoint &ckpt, ShardedCudaOptions o) 
 }
 
 // Every case of the fixture through both backends, teacher-forced along the reference's greedy ids:
-// the logits of every step within kShardTolerance, and the same argmax where the margin is clear.
+// the logits of every step within kShardTolerance unless the one-GPU run's routing of the step's
+// token is a near-tie (routing_ties.h), and the same argmax where the reference's margin is clear.
 void expect_same_as_one_gpu(const std::string &fixture, Backend &sharded, Backend &one) {
     dbrx::testing::ReferenceFixture f(std::string(DBRX_SOURCE_DIR) + fixture);
     const int32_t V = f.vocab();
+    auto *one_cuda = dynamic_cast<cuda::CudaBackend *>(&one);
+    ASSERT_NE(one_cuda, nullptr);
+    cuda::test::RoutingTieWatch ties(*one_cuda, f.ckpt->config().top_k);
+    int32_t n_ties = 0;
     auto pool_s = sharded.create_kv_pool(64, kBlockSize);
     auto pool_1 = one.create_kv_pool(64, kBlockSize);
     for (size_t ci = 0; ci < f.cases.size(); ++ci) {
@@ -109,8 +115,15 @@ void expect_same_as_one_gpu(const std::string &fixture, Backend &sharded, Backen
         float worst = 0;
         int checked = 0;
         for (size_t s = 0; s < c.greedy.size(); ++s) {
-            worst = std::max(worst, max_abs_diff(ls, l1));
-            ASSERT_LE(max_abs_diff(ls, l1), kShardTolerance) << fixture << " case " << ci << " step " << s;
+            if (ties.near_tie()) {
+                ++n_ties;
+                std::printf("%s case %zu step %zu: routing near-tie (router logit gap %.2e), |logit diff| %.4f not "
+                            "held\n", fixture.c_str(), ci, s, ties.gap(), max_abs_diff(ls, l1));
+            } else {
+                worst = std::max(worst, max_abs_diff(ls, l1));
+                ASSERT_LE(max_abs_diff(ls, l1), kShardTolerance)
+                    << fixture << " case " << ci << " step " << s << " (router logit gap " << ties.gap() << ")";
+            }
             if (c.margins[s] > kMarginFloor) {
                 EXPECT_EQ(argmax(ls), argmax(l1)) << fixture << " case " << ci << " greedy step " << s;
                 EXPECT_EQ(argmax(ls), c.greedy[s]) << fixture << " case " << ci << " greedy step " << s;
@@ -124,6 +137,8 @@ void expect_same_as_one_gpu(const std::string &fixture, Backend &sharded, Backen
         std::printf("%s %s case %zu: max |logit diff| vs one GPU %.5f over %zu steps, %d greedy ids checked\n",
                     sharded.name().c_str(), fixture.c_str(), ci, worst, c.greedy.size(), checked);
     }
+    // The exclusion must stay an exception, or the comparison would prove nothing.
+    EXPECT_LE(n_ties, 8) << fixture << ": routing near-ties at " << n_ties << " steps";
 }
 
 struct Layout {

@@ -121,12 +121,20 @@ void CudaBackend::set_batch_invariant(bool on) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (on && hooks_ != nullptr)
         fail(DBRX_ERR_UNSUPPORTED, "batch-invariant mode is not available for a sharded (tp/ep) CUDA model");
+    if (on && probe_) fail(DBRX_ERR_UNSUPPORTED, "batch-invariant mode: clear the router probe first");
     invariant_ = on;
     graphs_.clear();  // graphs captured the other kernels
 }
 
+void CudaBackend::set_router_probe(RouterProbe probe) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (probe && (hooks_ != nullptr || invariant_))
+        fail(DBRX_ERR_UNSUPPORTED, "router probe: not available for a sharded rank or in batch-invariant mode");
+    probe_ = std::move(probe);
+}
+
 bool CudaBackend::graph_capturable(int32_t n_tokens) const {
-    if (n_tokens <= 0 || n_tokens > kGraphMaxTokens) return false;
+    if (n_tokens <= 0 || n_tokens > kGraphMaxTokens || probe_) return false;
     // Ranks of a sharded model: their hooks run the MoE and the collectives, and know whether those
     // can be captured (NCCL enqueued on stream_, no host round trip).
     if (hooks_ != nullptr) return hooks_->capturable(n_tokens);
@@ -333,7 +341,16 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
         mw.w13 = L.w13.as<bf16_t>();
         mw.w2 = L.w2.as<bf16_t>();
         if (hooks_) hooks_->moe(l, x_.as<bf16_t>(), T, h_.as<float>(), blas_.get(), s);
-        else if (!invariant_) moe_.forward(x_.as<bf16_t>(), T, mw, h_.as<float>(), blas_.get(), s, moe_path_);
+        else if (!invariant_) {
+            moe_.forward(x_.as<bf16_t>(), T, mw, h_.as<float>(), blas_.get(), s, moe_path_);
+            if (probe_) {
+                std::vector<float> lg(static_cast<size_t>(T) * c.n_experts);
+                DBRX_CUDA_CHECK(cudaMemcpyAsync(lg.data(), moe_.router_logits(), lg.size() * sizeof(float),
+                                                cudaMemcpyDeviceToHost, s));
+                DBRX_CUDA_CHECK(cudaStreamSynchronize(s));
+                probe_(l, lg, T);
+            }
+        }
         else
             for (int32_t t0 = 0; t0 < T; t0 += kMoeGemvMaxRows)  // the GEMV path, per group of tokens
                 moe_.forward(x_.as<bf16_t>() + int64_t{t0} * d, std::min(kMoeGemvMaxRows, T - t0), mw,

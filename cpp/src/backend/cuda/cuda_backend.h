@@ -2,8 +2,10 @@
 // pool, cuBLAS for the dense GEMMs and the backend's own kernels for the rest (kernels.h).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "backend/cuda/cuda_graph.h"
 #include "backend/cuda/cuda_util.h"
@@ -81,6 +83,12 @@ public:
     GraphStats graph_stats() const { return graphs_.stats(); }
     // Whether a step of n_tokens decodes (one token per sequence) can be captured in a graph.
     bool graph_capturable(int32_t n_tokens) const;
+    // For tests: called after each layer's MoE routing with the router logits of the step's tokens
+    // ([T][E] fp32, on the host), so that a test can tell a routing near-tie from an error. Steps
+    // then synchronise once per layer and run without CUDA graphs. Not for sharded ranks or
+    // batch-invariant mode (UNSUPPORTED there); null clears it.
+    using RouterProbe = std::function<void(int32_t layer, const std::vector<float> &logits, int32_t n_tokens)>;
+    void set_router_probe(RouterProbe probe);
     // Makes this backend one rank of a sharded model (dist/sharded_cuda_backend.h): out_proj, the
     // MoE and lm_head go through the hooks (null: the plain backend). The hooks must outlive it.
     void set_rank_hooks(dist::CudaRankHooks *hooks) { hooks_ = hooks; }
@@ -106,6 +114,7 @@ private:
     GraphCache graphs_;
     DeviceBuffer blas_workspace_;  // fixed, so that cuBLAS calls can be captured in graphs
     dist::CudaRankHooks *hooks_ = nullptr;
+    RouterProbe probe_;
     std::mutex mutex_;
     PinnedBuffer host_meta_;
     LogitsReducer logits_reducer_;

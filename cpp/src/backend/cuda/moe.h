@@ -60,6 +60,7 @@ public:
     // After forward: the router's choices [T][k] and the number of distinct experts used (synchronises).
     const int32_t *experts() const { return r_.experts.as<int32_t>(); }
     const float *weights() const { return r_.weights.as<float>(); }
+    const float *router_logits() const { return r_.logits.as<float>(); }  // [T][E] fp32
     int32_t active_experts(cudaStream_t stream);
     const MoeShape &shape() const { return s_; }
     // The path Auto takes for n_tokens: GEMV, then grouped GEMMs up to the kMoeAuto*MaxTokens
