@@ -64,7 +64,7 @@ if has build; then
   rm -f "$out/build.log"  # only 8 files come back from the machine; keep the build log on failure only
 fi
 if has tests; then
-  # The GPU suite, then the opt-in wgmma prefill kernel in a process of its own (a sticky CUDA error
+  # The GPU suite, then the wgmma prefill kernel's own tests in a process of their own (a sticky CUDA error
   # there must not take the other suites with it), then the CPU binary's NCCL tests (CI has no GPU).
   step tests cuda-tests.log bash -c "$build/bin/dbrx_cuda_tests --gtest_color=no --gtest_filter='$filter:-CudaFlashWgmma.*'; a=\$?;
     [ '$filter' = '*' ] && { timeout 120 $build/bin/dbrx_cuda_tests --gtest_color=no --gtest_filter='CudaFlashWgmma.*' || a=1; };

@@ -16,9 +16,10 @@
 
 namespace dbrx::cuda::test {
 
-// Router-logit gap below which a step counts as a near-tie: rounding of the bf16 LayerNorm output
-// moves tiny-dbrx's router logits by up to ~1e-2 between two valid computations.
-constexpr float kRoutingTieGap = 2e-2f;
+// Router-logit gap below which a step counts as a near-tie. The one swap seen on the H200 (tp 2 vs one
+// GPU, tiny-dbrx case 3 step 6, 2026-11-29) had a gap of 2.6e-4; 5e-3 leaves a wide margin while
+// the fixtures' other steps stay held (the next smallest gap there was 6.8e-3).
+constexpr float kRoutingTieGap = 5e-3f;
 
 // Watches one CudaBackend's routing; gap() is the smallest k-th minus (k+1)-th router logit, over
 // layers, of the last token of the last step (the token whose logits the step returns).

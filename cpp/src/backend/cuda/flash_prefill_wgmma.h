@@ -1,5 +1,6 @@
-// Prefill flash attention on Hopper's warpgroup MMA (sm_90a wgmma), head dim 128: an opt-in variant
-// beside flash_prefill (kernels.h) with the same tile format and semantics (fp32 Q [T][H][hd] scaled
+// Prefill flash attention on Hopper's warpgroup MMA (sm_90a wgmma), head dim 128: the CUDA backend's
+// default where it is supported (CudaBackend::FlashKernel), beside flash_prefill (kernels.h, the
+// portable mma.sync kernel) with the same tile format and semantics (fp32 Q [T][H][hd] scaled
 // by 1/sqrt(hd) inside, bf16 out [T][H][hd], causal over positions 0..p of the token's sequence, K/V
 // from the paged cache).
 #pragma once
