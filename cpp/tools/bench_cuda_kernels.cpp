@@ -6,6 +6,7 @@
 #include <numeric>
 #include <random>
 
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/device_model.h"
 #include "backend/cuda/flash_prefill_wgmma.h"
 #include "backend/cuda/kernels.h"
@@ -61,19 +62,19 @@ void bench_moe(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<R
 
 namespace {
 
-// A paged cache of `seqs` sequences of `ctx` positions (random contents) and queries for the last
-// `n_new` positions of each; times attention over it.
+// A paged cache of `seqs` sequences of `ctx` positions (random contents) in `layout` and queries for
+// the last `n_new` positions of each; times attention over it.
 // Prefill rows time the kernel the backend picks (wgmma on Hopper at head dim 128) unless
 // `mma_sync` asks for the portable mma.sync kernel.
 void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, int32_t seqs, int32_t ctx,
-                     int32_t n_new, std::vector<Row> &rows, bool mma_sync = false) {
+                     int32_t n_new, std::vector<Row> &rows, KvLayout layout, bool mma_sync = false) {
     const ModelConfig cfg = dbrx_config(1);
     const int32_t H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.head_dim, bs = 16;
     const int32_t blocks_per = (ctx + bs - 1) / bs;
     const int64_t n_blocks = static_cast<int64_t>(blocks_per) * seqs;
-    const int64_t half = static_cast<int64_t>(bs) * KV * hd;
-    DeviceBuffer cache(sizeof(bf16_t) * n_blocks * 2 * half, "bench KV cache");
-    fill_uniform(cache.as<bf16_t>(), n_blocks * 2 * half, 21, 0.f, 1.f, stream);
+    const int64_t block_elems = kv_layer(nullptr, bs, KV, hd, layout).block_stride;
+    DeviceBuffer cache(sizeof(bf16_t) * n_blocks * block_elems, "bench KV cache");
+    fill_uniform(cache.as<bf16_t>(), n_blocks * block_elems, 21, 0.f, 1.f, stream);
     std::vector<int32_t> pos, seq, boff(seqs), blocks(n_blocks);
     std::iota(blocks.begin(), blocks.end(), 0);
     for (int32_t s = 0; s < seqs; ++s) {
@@ -96,7 +97,7 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
     DeviceBuffer dq = up(q.data(), q.size() * 4), dpos = up(pos.data(), pos.size() * 4),
                  dseq = up(seq.data(), seq.size() * 4), dboff = up(boff.data(), boff.size() * 4),
                  dblocks = up(blocks.data(), blocks.size() * 4);
-    KvLayer kv{cache.as<bf16_t>(), 2 * half, half, bs, KV, hd};
+    const KvLayer kv = kv_layer(cache.as<bf16_t>(), bs, KV, hd, layout);
     TokenMeta tm{dpos.as<int32_t>(), dseq.as<int32_t>(), dboff.as<int32_t>(), dblocks.as<int32_t>()};
     // Prefill chunks go through flash attention (tiles of kFlashTile queries), decodes through split-K.
     const bool flash = n_new >= kFlashMinTokens;
@@ -124,22 +125,30 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
     const double bytes = static_cast<double>(seqs) * ctx * KV * hd * 2 * 2 + T * H * hd * (4.0 + 2.0);
     rows.push_back({label, ms, floor_ms(bytes, flops, c), bytes_flops_basis(bytes, flops, c),
                     rate(flops / (ms * 1e-3) / 1e12, "TFLOP/s") + ", " + rate(bytes / (ms * 1e-3) / 1e12, "TB/s") +
-                        (flash ? (wgmma ? ", flash (wgmma)" : ", flash (mma.sync)") : ", split-K x" + std::to_string(splits))});
+                        (flash ? (wgmma ? ", flash (wgmma)" : ", flash (mma.sync)") : ", split-K x" + std::to_string(splits)) +
+                        ", " + kv_layout_name(layout) + " KV"});
     std::printf("%-44s %.4f ms\n", label, ms);
     std::fflush(stdout);
 }
 
 }  // namespace
 
+// The rows without a layout in their label use the KV pool's default layout (DBRX_KV_LAYOUT); the
+// ", slot-major KV" rows time the other layout for the A/B.
 void bench_attention_all(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows) {
-    bench_attention(stream, c, "attention decode B=1 ctx=4096", 1, 4096, 1, rows);
-    bench_attention(stream, c, "attention decode B=1 ctx=32768", 1, 32768, 1, rows);
-    bench_attention(stream, c, "attention decode B=64 ctx=8192", 64, 8192, 1, rows);
-    bench_attention(stream, c, "attention prefill causal S=4096", 1, 4096, 4096, rows);
-    bench_attention(stream, c, "attention prefill causal S=4096, mma.sync kernel", 1, 4096, 4096, rows, true);
-    if (!quick) bench_attention(stream, c, "attention prefill causal S=16384", 1, 16384, 16384, rows);
+    const KvLayout pool = CudaKvPool::default_layout(), slot = KvLayout::SlotMajor;
+    bench_attention(stream, c, "attention decode B=1 ctx=4096", 1, 4096, 1, rows, pool);
+    bench_attention(stream, c, "attention decode B=1 ctx=32768", 1, 32768, 1, rows, pool);
+    bench_attention(stream, c, "attention decode B=1 ctx=32768, slot-major KV", 1, 32768, 1, rows, slot);
+    bench_attention(stream, c, "attention decode B=64 ctx=8192", 64, 8192, 1, rows, pool);
+    bench_attention(stream, c, "attention decode B=64 ctx=8192, slot-major KV", 64, 8192, 1, rows, slot);
+    bench_attention(stream, c, "attention prefill causal S=4096", 1, 4096, 4096, rows, pool);
+    bench_attention(stream, c, "attention prefill causal S=4096, slot-major KV", 1, 4096, 4096, rows, slot);
+    bench_attention(stream, c, "attention prefill causal S=4096, mma.sync kernel", 1, 4096, 4096, rows, pool, true);
+    if (!quick) bench_attention(stream, c, "attention prefill causal S=16384", 1, 16384, 16384, rows, pool);
     if (!quick)
-        bench_attention(stream, c, "attention prefill causal S=16384, mma.sync kernel", 1, 16384, 16384, rows, true);
+        bench_attention(stream, c, "attention prefill causal S=16384, mma.sync kernel", 1, 16384, 16384, rows, pool,
+                        true);
 }
 
 }  // namespace dbrx::cli::bench

@@ -133,6 +133,7 @@ int32_t counter_bank(cudaStream_t stream) {
 void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
                int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream, const int32_t *tok_list) {
     (void)max_ctx;  // sizes nothing here: `splits` (from attention_splits(max_ctx)) is the grid bound
+    check_kv_layer(kv, "CUDA attention");
     if (n_tokens == 0) return;
     if (splits < 1 || splits > kMaxMergeSplits)
         invalid_argument("CUDA attention: splits must be in [1, " + std::to_string(kMaxMergeSplits) + "], got " +

@@ -38,7 +38,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
     }
     for (int32_t j = begin + warp; j < end; j += kWarps) {
-        const int64_t off = table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd;
+        const int64_t off = kv_offset(kv, table[j / bs], j % bs, kvh);
         const uint16_t *kp = kv.base + off, *vp = kv.base + off + kv.v_offset;
         float kr[kPerLane], vr[kPerLane];
 #pragma unroll
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kChunk)
 #pragma unroll
         for (int g = 0; g < kMaxGroup; ++g) sc[g] = -INFINITY;
         if (tid < n) {
-            const int64_t off = table[j / bs] * kv.block_stride + (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * hd;
+            const int64_t off = kv_offset(kv, table[j / bs], j % bs, kvh);
             offs[tid] = off;
             const uint4 *kp = reinterpret_cast<const uint4 *>(kv.base + off);
 #pragma unroll

@@ -134,9 +134,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     auto lookup = [&](int32_t k, int64_t &off, bool &ok) {
         const int32_t j = begin + (warp + kWarps * k) * kTile + lane;
         ok = lane < kTile && k < n_my && j < end;
-        off = ok ? static_cast<int64_t>(table[j / bs]) * kv.block_stride +
-                       (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * HD
-                 : 0;
+        off = ok ? kv_offset(kv, table[j / bs], j % bs, kvh) : 0;
     };
     auto issue = [&](int32_t k, int64_t off, bool ok) {
         uint16_t *ks = wsm + (k % kStages) * S::kStageElems, *vs = ks + S::kTileElems;
@@ -410,7 +408,7 @@ bool launch_mma(const Launch &a, int32_t n_tokens, cudaStream_t stream) {
     const int32_t G = a.n_heads / kv.n_kv_heads;
     // 16-byte cp.async needs every key row 16-byte aligned; grid y (the splits) is limited to 65535.
     const bool aligned = reinterpret_cast<uintptr_t>(kv.base) % 16 == 0 && kv.block_stride % 8 == 0 &&
-                         kv.v_offset % 8 == 0;
+                         kv.v_offset % 8 == 0 && kv.head_stride % 8 == 0 && kv.row_stride % 8 == 0;
     if (G < 1 || G > 16 || !aligned || a.splits > 65535) return false;
     switch (kv.head_dim) {
     case 16: launch<16>(a, n_tokens, stream); return true;

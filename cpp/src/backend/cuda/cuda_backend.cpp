@@ -56,32 +56,37 @@ MoeShape moe_shape(const ModelConfig &c) {
 }
 }  // namespace
 
-// ---- KV pool: one allocation, per layer per block [K: bs][kv][hd] then [V: bs][kv][hd], bf16 ----
+// ---- KV pool: one allocation, per layer per block K then V in the pool's KvLayout, bf16 ----
+
+KvLayout CudaKvPool::default_layout() {
+    const char *v = std::getenv("DBRX_KV_LAYOUT");
+    const std::string_view s(v ? v : "");
+    if (s.empty() || s == "head") return KvLayout::HeadMajor;
+    if (s == "slot") return KvLayout::SlotMajor;
+    invalid_argument("DBRX_KV_LAYOUT must be 'head' or 'slot', not '" + std::string(s) + "'");
+}
 
 int64_t CudaKvPool::bytes_per_block(const ModelConfig &c, int32_t bs) {
     return static_cast<int64_t>(c.n_layers) * 2 * bs * c.n_kv_heads * c.head_dim * sizeof(bf16_t);
 }
 
 CudaKvPool::CudaKvPool(const ModelConfig &c, int32_t n_blocks, int32_t block_size)
-    : n_blocks_(n_blocks), block_size_(block_size), n_kv_heads_(c.n_kv_heads), head_dim_(c.head_dim),
+    : CudaKvPool(c, n_blocks, block_size, default_layout()) {}
+
+CudaKvPool::CudaKvPool(const ModelConfig &c, int32_t n_blocks, int32_t block_size, KvLayout layout)
+    : n_blocks_(n_blocks), block_size_(block_size), n_kv_heads_(c.n_kv_heads), head_dim_(c.head_dim), layout_(layout),
       serial_(g_next_pool_serial.fetch_add(1)) {
     if (n_blocks <= 0 || block_size <= 0)
         invalid_argument("KV pool needs n_blocks > 0 and block_size > 0, got " + std::to_string(n_blocks) + " x " +
                          std::to_string(block_size));
     data_ = DeviceBuffer(static_cast<size_t>(bytes_per_block(c, block_size)) * n_blocks, "KV pool");
-    std::fprintf(stderr, "dbrx: CUDA KV pool: %d blocks of %d tokens, %.2f GiB of device memory\n", n_blocks,
-                 block_size, static_cast<double>(data_.bytes()) / (1 << 30));
+    std::fprintf(stderr, "dbrx: CUDA KV pool: %d blocks of %d tokens, %s, %.2f GiB of device memory\n", n_blocks,
+                 block_size, kv_layout_name(layout_), static_cast<double>(data_.bytes()) / (1 << 30));
 }
 
 KvLayer CudaKvPool::layer(int32_t l) const {
-    KvLayer k;
-    const int64_t half = static_cast<int64_t>(block_size_) * n_kv_heads_ * head_dim_;
-    k.block_stride = 2 * half;
-    k.v_offset = half;
-    k.base = data_.as<bf16_t>() + static_cast<int64_t>(l) * n_blocks_ * k.block_stride;
-    k.block_size = block_size_;
-    k.n_kv_heads = n_kv_heads_;
-    k.head_dim = head_dim_;
+    KvLayer k = kv_layer(data_.as<bf16_t>(), block_size_, n_kv_heads_, head_dim_, layout_);
+    k.base += static_cast<int64_t>(l) * n_blocks_ * k.block_stride;
     return k;
 }
 

@@ -20,9 +20,15 @@ namespace dbrx::cuda {
 
 class CudaKvPool final : public KvPool {
 public:
+    // In default_layout().
     CudaKvPool(const ModelConfig &c, int32_t n_blocks, int32_t block_size);
+    CudaKvPool(const ModelConfig &c, int32_t n_blocks, int32_t block_size, KvLayout layout);
+    // HeadMajor unless the environment sets DBRX_KV_LAYOUT=slot (=head: HeadMajor; anything else is
+    // INVALID_ARGUMENT), for A/B measurements of the two layouts.
+    static KvLayout default_layout();
     int32_t n_blocks() const override { return n_blocks_; }
     int32_t block_size() const override { return block_size_; }
+    KvLayout layout() const { return layout_; }
     KvLayer layer(int32_t l) const;
     static int64_t bytes_per_block(const ModelConfig &c, int32_t block_size);
     // Unique per pool in the process: CUDA graphs captured against one pool are never replayed on another.
@@ -30,6 +36,7 @@ public:
 
 private:
     int32_t n_blocks_, block_size_, n_kv_heads_, head_dim_;
+    KvLayout layout_;
     uint64_t serial_;
     DeviceBuffer data_;
 };

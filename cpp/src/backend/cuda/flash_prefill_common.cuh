@@ -74,6 +74,7 @@ using Launch = void (*)(const float *, int32_t, int32_t, const int32_t *, TokenM
 template <class C>
 void launch(const char *what, Kernel kernel, std::atomic<uint32_t> &smem_set, const float *q, int32_t n_tiles,
             int32_t n_heads, const int32_t *tiles, TokenMeta meta, KvLayer kv, bf16_t *out, cudaStream_t stream) {
+    check_kv_layer(kv, what);
     allow_max_dynamic_smem(reinterpret_cast<const void *>(kernel), smem_set);
     // log2(e) folded into the softmax scale: the kernels exponentiate with exp2.
     const float qscale = 1.4426950408889634f / std::sqrt(static_cast<float>(C::kHd));

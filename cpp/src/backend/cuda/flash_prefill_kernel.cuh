@@ -76,8 +76,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             const uint16_t *src = kv.base;
             if (valid) {
                 const int2 bp = place(r);
-                src = kv.base + static_cast<int64_t>(bp.x) * kv.block_stride +
-                      (static_cast<int64_t>(bp.y) * kv.n_kv_heads + kvh) * HD + c * 8;
+                src = kv.base + kv_offset(kv, bp.x, bp.y, kvh) + c * 8;
             }
             const int so = (st * BN + r) * LD + c * 8;
             cp_async16(smem_u32(sk + so), src, valid);

@@ -86,10 +86,14 @@ void prefill_variant(int32_t variant, const float *q, int32_t n_tiles, int32_t n
         invalid_argument("flash_prefill_wgmma: block_size " + std::to_string(kv.block_size) + ", " +
                          std::to_string(n_heads) + " query heads over " + std::to_string(kv.n_kv_heads) + " KV heads");
     // 16-byte copies of K/V rows and 32-byte loads of Q rows need these alignments.
+    check_kv_layer(kv, "flash_prefill_wgmma");
     if (reinterpret_cast<uintptr_t>(kv.base) % 16 != 0 || kv.block_stride % 8 != 0 || kv.v_offset % 8 != 0 ||
-        reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(out) % 4 != 0)
-        invalid_argument("flash_prefill_wgmma: K/V blocks, q or out misaligned (block_stride " +
-                         std::to_string(kv.block_stride) + ", v_offset " + std::to_string(kv.v_offset) + ")");
+        kv.head_stride % 8 != 0 || kv.row_stride % 8 != 0 || reinterpret_cast<uintptr_t>(q) % 16 != 0 ||
+        reinterpret_cast<uintptr_t>(out) % 4 != 0)
+        invalid_argument("flash_prefill_wgmma: K/V rows, q or out misaligned (block_stride " +
+                         std::to_string(kv.block_stride) + ", v_offset " + std::to_string(kv.v_offset) +
+                         ", head_stride " + std::to_string(kv.head_stride) + ", row_stride " +
+                         std::to_string(kv.row_stride) + ")");
     if (n_tiles < 0) invalid_argument("flash_prefill_wgmma: " + std::to_string(n_tiles) + " tiles");
     if (n_tiles == 0) return;
     kVariants[variant].fn(q, n_tiles, n_heads, tiles, meta, kv, out, stream);

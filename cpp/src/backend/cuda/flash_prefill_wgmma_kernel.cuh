@@ -152,8 +152,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     auto key_off = [&](int32_t t) -> int64_t {
         const int32_t j = t * BN + tid;
         if (tid >= BN || j > last) return -1;
-        return 2 * (static_cast<int64_t>(__ldg(table + j / bs)) * kv.block_stride +
-                    (static_cast<int64_t>(j % bs) * kv.n_kv_heads + kvh) * HD);
+        return 2 * kv_offset(kv, __ldg(table + j / bs), j % bs, kvh);
     };
     // Thread tid copies 16-byte chunk tid % 16 of rows tid / 16 + 16 it of a tile; the swizzle of
     // those rows is the same (row mod 8 is), so their shared addresses step by 16 rows.

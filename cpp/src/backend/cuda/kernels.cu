@@ -1,6 +1,7 @@
 // Element-wise and per-token kernels: embedding, LayerNorm, the Wqkv epilogue (clamp + RoPE + KV
 // write), router top-k, MoE permutation / un-permutation, SiLU*up and a random fill.
 #include <algorithm>
+#include <string>
 
 #include "backend/cuda/cuda_util.h"
 #include "backend/cuda/device_math.cuh"
@@ -54,8 +55,7 @@ __global__ void qkv_epilogue_kernel(const float *qkv, int32_t n_heads, float cli
     const int32_t pos = meta.pos[t];
     const int32_t blk = meta.blocks[meta.block_off[meta.seq[t]] + pos / kv.block_size];
     const int32_t slot = pos % kv.block_size;
-    uint16_t *kdst = kv.base + blk * kv.block_stride + static_cast<int64_t>(slot) * KV * hd;
-    uint16_t *vdst = kdst + kv.v_offset;
+    uint16_t *const vbase = kv.base + kv.v_offset;
     // Rotated pairs of q and k heads: (head, i) for i < hd/2.
     const int32_t n_pairs = (n_heads + KV) * half;
     for (int32_t p = threadIdx.x; p < n_pairs; p += blockDim.x) {
@@ -69,12 +69,13 @@ __global__ void qkv_epilogue_kernel(const float *qkv, int32_t n_heads, float cli
             q[i] = y1;
             q[i + half] = y2;
         } else {
-            uint16_t *k = kdst + (head - n_heads) * hd;
+            uint16_t *k = kv.base + kv_offset(kv, blk, slot, head - n_heads);
             k[i] = f2bf(y1);
             k[i + half] = f2bf(y2);
         }
     }
-    for (int32_t i = threadIdx.x; i < KV * hd; i += blockDim.x) vdst[i] = f2bf(clampf(src[d + KV * hd + i], clip));
+    for (int32_t i = threadIdx.x; i < KV * hd; i += blockDim.x)
+        vbase[kv_offset(kv, blk, slot, i / hd) + i % hd] = f2bf(clampf(src[d + KV * hd + i], clip));
 }
 
 constexpr int kMaxExperts = 64;
@@ -216,6 +217,20 @@ int grid_for(int64_t n, int threads) {
 
 }  // namespace
 
+void check_kv_layer(const KvLayer &kv, const char *where) {
+    // Span of one half (K or V) of a block: from its first row's start to its last row's end.
+    const int64_t span = int64_t{kv.block_size - 1} * kv.row_stride + int64_t{kv.n_kv_heads - 1} * kv.head_stride +
+                         kv.head_dim;
+    if (kv.block_size < 1 || kv.n_kv_heads < 1 || kv.head_dim < 1 || kv.row_stride < 1 || kv.head_stride < 1 ||
+        span > kv.v_offset || kv.v_offset + span > kv.block_stride)
+        invalid_argument(std::string(where) + ": KV layer of block_size " + std::to_string(kv.block_size) + ", " +
+                         std::to_string(kv.n_kv_heads) + " KV heads of " + std::to_string(kv.head_dim) +
+                         ", row_stride " + std::to_string(kv.row_stride) + ", head_stride " +
+                         std::to_string(kv.head_stride) + ", v_offset " + std::to_string(kv.v_offset) +
+                         ", block_stride " + std::to_string(kv.block_stride) +
+                         " does not fit its blocks (build it with kv_layer())");
+}
+
 void embed(const int32_t *ids, const bf16_t *wte, float *h, int32_t n_tokens, int32_t d, cudaStream_t stream) {
     if (n_tokens == 0) return;
     embed_kernel<<<n_tokens, 256, 0, stream>>>(ids, wte, h, d);
@@ -231,6 +246,7 @@ void layernorm(const float *x, const int32_t *rows, const bf16_t *w, bf16_t *y, 
 
 void qkv_epilogue(const float *qkv, int32_t n_tokens, int32_t n_heads, float clip, const float *inv_freq,
                   TokenMeta meta, KvLayer kv, float *q_out, cudaStream_t stream) {
+    check_kv_layer(kv, "qkv_epilogue");
     if (n_tokens == 0) return;
     if (kv.head_dim % 2 != 0) invalid_argument("qkv_epilogue: head_dim must be even for RoPE");
     qkv_epilogue_kernel<<<n_tokens, 256, 0, stream>>>(qkv, n_heads, clip, inv_freq, meta, kv, q_out);

@@ -21,8 +21,20 @@ struct TokenMeta {
     const int32_t *blocks = nullptr;
 };
 
+// How one block of a layer's paged KV is laid out (K and V alike, bf16):
+//   HeadMajor [n_kv_heads][block_size][head_dim] (vLLM's): one KV head's keys of a block are one
+//             contiguous run of block_size * head_dim values (4 KB for DBRX), so a CTA reading one
+//             head streams whole DRAM pages.
+//   SlotMajor [block_size][n_kv_heads][head_dim]: one position's heads are contiguous; a CTA reading
+//             one head reads head_dim-value rows n_kv_heads * head_dim values apart.
+enum class KvLayout : int32_t { HeadMajor, SlotMajor };
+inline const char *kv_layout_name(KvLayout l) { return l == KvLayout::HeadMajor ? "head-major" : "slot-major"; }
+
 // One layer's paged KV: block b holds K at base + b * block_stride and V at base + b * block_stride
-// + v_offset, each [block_size][n_kv_heads][head_dim] bf16.
+// + v_offset. The head_dim values of (block b, slot j, KV head h) start kv_offset(kv, b, j, h)
+// values past K's base (V: + v_offset): head_stride and row_stride say the layout. Build one with
+// kv_layer(); the launchers refuse a KvLayer whose strides do not fit in its blocks (zero strides
+// from an aggregate initialisation that left them out, say).
 struct KvLayer {
     bf16_t *base = nullptr;
     int64_t block_stride = 0;
@@ -30,7 +42,33 @@ struct KvLayer {
     int32_t block_size = 0;
     int32_t n_kv_heads = 0;
     int32_t head_dim = 0;
+    int64_t head_stride = 0;  // between KV heads of one slot
+    int64_t row_stride = 0;   // between slots of one KV head
 };
+
+// The one offset computation of the paged KV, for every kernel and test.
+__host__ __device__ __forceinline__ int64_t kv_offset(const KvLayer &kv, int64_t block, int32_t slot, int32_t kv_head) {
+    return block * kv.block_stride + kv_head * kv.head_stride + slot * kv.row_stride;
+}
+
+// A layer of `layout` at `base`: blocks of K then V, each block_size * n_kv_heads * head_dim values.
+inline KvLayer kv_layer(bf16_t *base, int32_t block_size, int32_t n_kv_heads, int32_t head_dim, KvLayout layout) {
+    KvLayer k;
+    const int64_t half = int64_t{block_size} * n_kv_heads * head_dim;
+    k.base = base;
+    k.block_stride = 2 * half;
+    k.v_offset = half;
+    k.block_size = block_size;
+    k.n_kv_heads = n_kv_heads;
+    k.head_dim = head_dim;
+    k.head_stride = layout == KvLayout::HeadMajor ? int64_t{block_size} * head_dim : head_dim;
+    k.row_stride = layout == KvLayout::HeadMajor ? head_dim : int64_t{n_kv_heads} * head_dim;
+    return k;
+}
+
+// INVALID_ARGUMENT naming `where` unless kv's shape is positive and every (slot, KV head) row lies
+// inside its block's K half, and V's inside the block.
+void check_kv_layer(const KvLayer &kv, const char *where);
 
 // h[t] = float(wte[ids[t]]).
 void embed(const int32_t *ids, const bf16_t *wte, float *h, int32_t n_tokens, int32_t d, cudaStream_t stream);
