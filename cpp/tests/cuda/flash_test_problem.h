@@ -13,6 +13,7 @@
 #include "backend/cpu/kernels.h"
 #include "backend/cuda/kernels.h"
 #include "cuda_test_util.h"
+#include "kv_layout_test_util.h"
 
 namespace dbrx::cuda::test {
 
@@ -23,8 +24,8 @@ struct Chunk {
     int32_t prefix, n_new;  // cached positions before the chunk, rows of the chunk
 };
 
-// One launch's inputs on the host: a paged cache with a shuffled block table (slots past each
-// sequence's end hold NaN, so reading one shows), the chunks' queries and their tiles.
+// One launch's inputs on the host: a paged cache in `layout` with a shuffled block table (slots past
+// each sequence's end hold NaN, so reading one shows), the chunks' queries and their tiles.
 struct Problem {
     Shape s;
     int32_t bs = 16, n_blocks = 0;
@@ -32,11 +33,24 @@ struct Problem {
     std::vector<bf16_t> cache;
     std::vector<int32_t> blocks, block_off, new_pos, new_seq, tiles;
     std::vector<float> q;  // [Tn][H][hd]
+    KvLayout layout = KvLayout::SlotMajor;
     int64_t half() const { return static_cast<int64_t>(bs) * s.KV * s.hd; }
     int32_t n_tokens() const { return static_cast<int32_t>(new_pos.size()); }
+    // The cache's offsets: p.cache[kv_offset(p.kv(), block, slot, kv head) (+ v_offset) + i].
+    KvLayer kv() const { return kv_shape(bs, s.KV, s.hd, layout); }
 };
 
-inline Problem make_problem(Shape s, int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
+// `p` with its cache in `layout` (the same keys and values).
+inline Problem in_layout(const Problem &p, KvLayout layout) {
+    Problem r = p;
+    r.layout = layout;
+    r.cache = relayout(p.cache, p.n_blocks, p.kv(), r.kv());
+    return r;
+}
+
+// Random keys, values and queries; the cache is in `layout` (the keys and values do not depend on it).
+inline Problem make_problem(Shape s, int32_t bs, std::vector<Chunk> chunks, uint32_t seed,
+                            KvLayout layout = KvLayout::HeadMajor) {
     Problem p{s, bs, 0, std::move(chunks)};
     for (const auto &c : p.chunks) p.n_blocks += (c.prefix + c.n_new + bs - 1) / bs;
     p.blocks.resize(p.n_blocks);
@@ -47,10 +61,12 @@ inline Problem make_problem(Shape s, int32_t bs, std::vector<Chunk> chunks, uint
     for (size_t i = 0; i < p.chunks.size(); ++i) {
         const int32_t len = p.chunks[i].prefix + p.chunks[i].n_new, nb = (len + bs - 1) / bs;
         p.block_off.push_back(boff);
-        for (int32_t slot = len; slot < nb * bs; ++slot) {  // unused tail of the last block
-            const int64_t off = p.blocks[boff + slot / bs] * 2 * p.half() + int64_t{slot % bs} * s.KV * s.hd;
-            for (int64_t j = 0; j < int64_t{s.KV} * s.hd; ++j) p.cache[off + j] = p.cache[off + p.half() + j] = 0x7fc0;
-        }
+        const KvLayer kv = p.kv();
+        for (int32_t slot = len; slot < nb * bs; ++slot)  // unused tail of the last block
+            for (int32_t h = 0; h < s.KV; ++h) {
+                const int64_t off = kv_offset(kv, p.blocks[boff + slot / bs], slot % bs, h);
+                for (int32_t i = 0; i < s.hd; ++i) p.cache[off + i] = p.cache[off + kv.v_offset + i] = 0x7fc0;
+            }
         boff += nb;
         const int32_t first = p.n_tokens();
         for (int32_t r = 0; r < p.chunks[i].n_new; ++r) {
@@ -63,13 +79,13 @@ inline Problem make_problem(Shape s, int32_t bs, std::vector<Chunk> chunks, uint
     }
     // Wide enough that the softmax is far from flat.
     p.q = uniform(static_cast<size_t>(p.n_tokens()) * s.H * s.hd, -3.f, 3.f, seed + 2);
-    return p;
+    return layout == p.layout ? p : in_layout(p, layout);
 }
 
-// The reference of (token t, head h) by cpu::attend_one over the fp32 copy of the bf16 cache.
+// The reference of (token t, head h) by cpu::attend_one over a slot-major fp32 copy of the bf16 cache.
 struct Reference {
     const Problem &p;
-    std::vector<float> cache = to_f32(p.cache);
+    std::vector<float> cache = to_f32(slot_major(p.cache, p.n_blocks, p.kv()));
     std::vector<float> scores;
     void attend(int32_t t, int32_t h, float *out) {
         const Shape &s = p.s;

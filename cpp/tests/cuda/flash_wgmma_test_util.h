@@ -57,7 +57,7 @@ inline bool hopper_ready() {
     return flash_prefill_wgmma_supported(kHd, 16);
 }
 
-// Device copies of a problem; run() launches one kernel (variant -2: flash_prefill, -1:
+// Device copies of a problem (its cache in the problem's layout); run() launches one kernel (variant -2: flash_prefill, -1:
 // flash_prefill_wgmma, else a wgmma shape) and returns the output.
 struct DeviceProblem {
     DeviceBuffer cache, q, pos, seq, boff, blocks, tiles, out;
@@ -68,7 +68,8 @@ struct DeviceProblem {
     explicit DeviceProblem(const Problem &p)
         : cache(to_device(p.cache)), q(to_device(p.q)), pos(to_device(p.new_pos)), seq(to_device(p.new_seq)),
           boff(to_device(p.block_off)), blocks(to_device(p.blocks)), tiles(to_device(p.tiles)),
-          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())), kv{cache.as<bf16_t>(), 2 * p.half(), p.half(), p.bs, p.s.KV, p.s.hd},
+          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())),
+          kv(kv_layer(cache.as<bf16_t>(), p.bs, p.s.KV, p.s.hd, p.layout)),
           meta{pos.as<int32_t>(), seq.as<int32_t>(), boff.as<int32_t>(), blocks.as<int32_t>()},
           n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), Tn(p.n_tokens()), H(p.s.H) {
         // Pageable cudaMemcpy may return before its DMA lands; the launches run on a non-blocking stream.

@@ -3,17 +3,21 @@
 // contexts, short prefill chunks, tok_list, the fixtures' and other group sizes, bitwise batch
 // invariance (a token's output bytes do not depend on the rest of the launch or on max_ctx), and the
 // fused merge's self-resetting counters (repeated launches on one scratch, CUDA graph replays,
-// launches that take more than one counter bank's worth of tokens).
+// launches that take more than one counter bank's worth of tokens). The cases run with the cache in
+// each KV layout (head-major, slot-major); both layouts give the same output bytes.
 #include <gtest/gtest.h>
 
 #include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <span>
+#include <tuple>
 
 #include "backend/cpu/kernels.h"
 #include "backend/cuda/kernels.h"
 #include "cuda_test_util.h"
+#include "kv_layout_test_util.h"
+#include "util/error.h"
 
 namespace dbrx::cuda::test {
 namespace {
@@ -37,11 +41,13 @@ struct Rng {
     }
 };
 
-// A paged cache of sequences with lens[s] positions each, blocks shuffled across the pool; the slots
-// past a sequence's end hold NaN, so a kernel that read them would show it in its output.
+// A paged cache in `layout` of sequences with lens[s] positions each, blocks shuffled across the
+// pool; the slots past a sequence's end hold NaN, so a kernel that read them would show it in its
+// output. The keys and values do not depend on the layout; the CPU reference reads a slot-major copy.
 class Cache {
 public:
-    Cache(Shape s, std::vector<int32_t> lens, uint32_t seed) : shape_(s), lens_(std::move(lens)) {
+    Cache(Shape s, std::vector<int32_t> lens, uint32_t seed, KvLayout layout = KvLayout::HeadMajor)
+        : shape_(s), layout_(layout), lens_(std::move(lens)) {
         int32_t n_blocks = 0;
         for (int32_t len : lens_) {
             block_off_.push_back(n_blocks);
@@ -50,29 +56,31 @@ public:
         blocks_.resize(n_blocks);
         std::iota(blocks_.begin(), blocks_.end(), 0);
         std::shuffle(blocks_.begin(), blocks_.end(), std::mt19937(seed));
-        const int64_t half = this->half(), row = int64_t{s.KV} * s.hd;
-        std::vector<bf16_t> data(static_cast<size_t>(n_blocks) * 2 * half, float_to_bf16(NAN));
+        const KvLayer kv = kv_shape(kBs, s.KV, s.hd, layout);
+        std::vector<bf16_t> data(static_cast<size_t>(n_blocks * kv.block_stride), float_to_bf16(NAN));
         Rng rng{seed};
         for (size_t q = 0; q < lens_.size(); ++q)
-            for (int32_t p = 0; p < lens_[q]; ++p) {
-                const int64_t off = blocks_[block_off_[q] + p / kBs] * 2 * half + (p % kBs) * row;
-                for (int64_t i = 0; i < row; ++i) {
-                    data[off + i] = float_to_bf16(rng.next());
-                    data[off + half + i] = float_to_bf16(rng.next());
+            for (int32_t p = 0; p < lens_[q]; ++p)
+                for (int32_t h = 0; h < s.KV; ++h) {
+                    const int64_t off = kv_offset(kv, blocks_[block_off_[q] + p / kBs], p % kBs, h);
+                    for (int32_t i = 0; i < s.hd; ++i) {
+                        data[off + i] = float_to_bf16(rng.next());
+                        data[off + kv.v_offset + i] = float_to_bf16(rng.next());
+                    }
                 }
-            }
-        host_ = to_f32(data);
+        host_ = to_f32(slot_major(data, n_blocks, kv));
         dev_ = to_device(data);
         d_boff_ = to_device(block_off_);
         d_blocks_ = to_device(blocks_);
     }
     int64_t half() const { return int64_t{kBs} * shape_.KV * shape_.hd; }
     Shape shape() const { return shape_; }
-    KvLayer layer() const { return {dev_.as<bf16_t>(), 2 * half(), half(), kBs, shape_.KV, shape_.hd}; }
+    KvLayout layout() const { return layout_; }
+    KvLayer layer() const { return kv_layer(dev_.as<bf16_t>(), kBs, shape_.KV, shape_.hd, layout_); }
     const int32_t *d_boff() const { return d_boff_.as<int32_t>(); }
     const int32_t *d_blocks() const { return d_blocks_.as<int32_t>(); }
 
-    // cpu::attend_one for every head of one token.
+    // cpu::attend_one for every head of one token (host_ is slot-major, as cpu::PagedKv reads).
     std::vector<float> reference(const Tok &t, const float *q) const {
         const Shape s = shape_;
         cpu::PagedKv pk{host_.data(), host_.data() + half(), 2 * half(), kBs, s.KV, s.hd};
@@ -87,6 +95,7 @@ public:
 
 private:
     Shape shape_;
+    KvLayout layout_;
     std::vector<int32_t> lens_, block_off_, blocks_;
     std::vector<float> host_;
     DeviceBuffer dev_, d_boff_, d_blocks_;
@@ -164,10 +173,11 @@ void expect_matches(const Cache &c, const std::vector<Tok> &toks, const std::vec
         const std::vector<float> g = to_f32(std::vector<bf16_t>(got.begin() + i * row, got.begin() + (i + 1) * row));
         const double err = rel_max_err(g, ref);
         worst = std::max(worst, err);
-        EXPECT_LT(err, 1e-2) << what << ": token " << i << " (pos " << toks[i].pos << ")";
+        EXPECT_LT(err, 1e-2) << what << ", " << kv_layout_name(c.layout()) << " KV: token " << i << " (pos "
+                             << toks[i].pos << ")";
     }
-    std::printf("decode attention %s H=%d KV=%d hd=%d tokens=%zu: worst max rel err %.2e\n", what, s.H, s.KV, s.hd,
-                which.size(), worst);
+    std::printf("decode attention %s H=%d KV=%d hd=%d %s KV tokens=%zu: worst max rel err %.2e\n", what, s.H, s.KV,
+                s.hd, kv_layout_name(c.layout()), which.size(), worst);
 }
 
 int32_t max_len(const std::vector<Tok> &toks) {
@@ -176,33 +186,42 @@ int32_t max_len(const std::vector<Tok> &toks) {
     return m;
 }
 
-class DecodeContext : public ::testing::TestWithParam<int32_t> {};
+// Context lengths by the KV layout of the cache.
+class DecodeContext : public ::testing::TestWithParam<std::tuple<int32_t, KvLayout>> {};
 
 TEST_P(DecodeContext, DbrxShapeMatchesCpu) {
-    const int32_t ctx = GetParam();
-    Cache c(kDbrx, {ctx}, 100 + ctx);
+    const auto [ctx, layout] = GetParam();
+    Cache c(kDbrx, {ctx}, 100 + ctx, layout);
     const std::vector<Tok> toks{{0, ctx - 1}};
     const auto q = queries(kDbrx, 1, 7);
     expect_matches(c, toks, q, run(c, toks, q, ctx), ("ctx " + std::to_string(ctx)).c_str());
 }
 
-INSTANTIATE_TEST_SUITE_P(Contexts, DecodeContext, ::testing::Values(1, 15, 16, 17, 1000, 8192, 32768));
+INSTANTIATE_TEST_SUITE_P(Contexts, DecodeContext,
+                         ::testing::Combine(::testing::Values(1, 15, 16, 17, 1000, 8192, 32768),
+                                            ::testing::ValuesIn(kKvLayouts)),
+                         [](const ::testing::TestParamInfo<DecodeContext::ParamType> &info) {
+                             return "ctx" + std::to_string(std::get<0>(info.param)) +
+                                    (std::get<1>(info.param) == KvLayout::HeadMajor ? "HeadMajor" : "SlotMajor");
+                         });
 
 TEST(CudaDecodeAttention, Batch64MixedContexts) {
     std::vector<int32_t> lens{1, 16, 17, 256, 257, 4096, 4097, 6000};
     std::mt19937 rng(3);
     while (lens.size() < 64) lens.push_back(1 + static_cast<int32_t>(rng() % 3000));
-    Cache c(kDbrx, lens, 21);
     std::vector<Tok> toks;
     for (size_t s = 0; s < lens.size(); ++s) toks.push_back({static_cast<int32_t>(s), lens[s] - 1});
     const auto q = queries(kDbrx, toks.size(), 22);
-    expect_matches(c, toks, q, run(c, toks, q, max_len(toks)), "batch 64");
+    for (KvLayout layout : kKvLayouts) {
+        Cache c(kDbrx, lens, 21, layout);
+        expect_matches(c, toks, q, run(c, toks, q, max_len(toks)), "batch 64");
+    }
 }
 
 // Short prefill chunks: consecutive positions of one sequence in one launch, each causal to its own
 // position (a chunk crossing the 4096-key split regime too), then the same launch through tok_list.
-TEST(CudaDecodeAttention, ShortPrefillChunksAndTokList) {
-    Cache c(kDbrx, {5, 115, 4100, 600}, 31);
+void short_chunks_and_tok_list(KvLayout layout) {
+    Cache c(kDbrx, {5, 115, 4100, 600}, 31, layout);
     std::vector<Tok> toks;
     for (int32_t p = 0; p < 5; ++p) toks.push_back({0, p});
     for (int32_t p = 100; p < 115; ++p) toks.push_back({1, p});
@@ -221,8 +240,12 @@ TEST(CudaDecodeAttention, ShortPrefillChunksAndTokList) {
         const bool same = std::memcmp(listed.data() + i * row, all.data() + i * row, row * sizeof(bf16_t)) == 0;
         const bool untouched = std::all_of(listed.begin() + i * row, listed.begin() + (i + 1) * row,
                                            [](bf16_t v) { return v == 0xffff; });
-        EXPECT_TRUE(in ? same : untouched) << "token " << i << (in ? " listed: differs" : " unlisted: written");
+        EXPECT_TRUE(in ? same : untouched) << kv_layout_name(layout) << " KV: token " << i
+                                           << (in ? " listed: differs" : " unlisted: written");
     }
+}
+TEST(CudaDecodeAttention, ShortPrefillChunksAndTokList) {
+    for (KvLayout layout : kKvLayouts) short_chunks_and_tok_list(layout);
 }
 
 // Fixture shapes (tiny-dbrx hd 128 and tiny-dbrx-cl100k hd 16, both 2 heads over 1 KV head), other
@@ -231,41 +254,61 @@ TEST(CudaDecodeAttention, OtherShapes) {
     const Shape shapes[] = {{2, 1, 128}, {2, 1, 16}, {8, 8, 64}, {12, 4, 32}, {32, 2, 128}, {8, 2, 96}, {4, 2, 256}};
     uint32_t seed = 40;
     for (const Shape &s : shapes) {
-        Cache c(s, {1, 70, 300, 5000, 20}, ++seed);
+        const uint32_t cache_seed = ++seed;
         std::vector<Tok> toks{{0, 0}, {1, 69}, {2, 299}, {3, 4999}};
         for (int32_t p = 10; p < 20; ++p) toks.push_back({4, p});
         const auto q = queries(s, toks.size(), ++seed);
         const std::string what = "shape hd " + std::to_string(s.hd) + " G " + std::to_string(s.H / s.KV);
-        expect_matches(c, toks, q, run(c, toks, q, 5000), what.c_str());
+        for (KvLayout layout : kKvLayouts) {
+            Cache c(s, {1, 70, 300, 5000, 20}, cache_seed, layout);
+            expect_matches(c, toks, q, run(c, toks, q, 5000), what.c_str());
+        }
     }
 }
 
 // A token's output bytes are the same alone (max_ctx = its context) and among 23 other tokens with
 // a larger max_ctx, with and without tok_list, on the tensor-core and the generic kernel (on an
 // H200's tensor cores the 24-token launch takes 4 splits per CTA, the others one).
+// The KV layout moves the keys, not the arithmetic: both layouts' outputs are the same bytes.
 TEST(CudaDecodeAttention, BatchInvariantBitwise) {
     for (const Shape &s : {kDbrx, Shape{8, 2, 96}}) {
         std::vector<int32_t> lens{9000, 777, 1, 4096, 4097};
         std::mt19937 rng(5);
         while (lens.size() < 24) lens.push_back(1 + static_cast<int32_t>(rng() % 3000));
-        Cache c(s, lens, 51);
         std::vector<Tok> toks;
         for (size_t i = 0; i < lens.size(); ++i) toks.push_back({static_cast<int32_t>(i), lens[i] - 1});
         const auto q = queries(s, toks.size(), 52);
         const size_t row = static_cast<size_t>(s.H) * s.hd;
-        const auto batch = run(c, toks, q, 32768);
-        std::vector<int32_t> list{3, 0, 1, 4, 2, 17};
-        const auto listed = run(c, toks, q, 20000, list);
-        for (int32_t i = 0; i < 5; ++i) {
-            const std::vector<float> qi(q.begin() + i * row, q.begin() + (i + 1) * row);
-            const auto alone = run(c, {toks[i]}, qi, lens[i]);
-            EXPECT_EQ(std::memcmp(alone.data(), batch.data() + i * row, row * sizeof(bf16_t)), 0)
-                << "hd " << s.hd << ": token of context " << lens[i] << " alone vs in the batch";
-            EXPECT_EQ(std::memcmp(alone.data(), listed.data() + i * row, row * sizeof(bf16_t)), 0)
-                << "hd " << s.hd << ": token of context " << lens[i] << " alone vs listed";
+        std::vector<std::vector<bf16_t>> by_layout;
+        for (KvLayout layout : kKvLayouts) {
+            const char *name = kv_layout_name(layout);
+            Cache c(s, lens, 51, layout);
+            const auto batch = run(c, toks, q, 32768);
+            std::vector<int32_t> list{3, 0, 1, 4, 2, 17};
+            const auto listed = run(c, toks, q, 20000, list);
+            for (int32_t i = 0; i < 5; ++i) {
+                const std::vector<float> qi(q.begin() + i * row, q.begin() + (i + 1) * row);
+                const auto alone = run(c, {toks[i]}, qi, lens[i]);
+                EXPECT_EQ(std::memcmp(alone.data(), batch.data() + i * row, row * sizeof(bf16_t)), 0)
+                    << "hd " << s.hd << ", " << name << " KV: token of context " << lens[i] << " alone vs in the batch";
+                EXPECT_EQ(std::memcmp(alone.data(), listed.data() + i * row, row * sizeof(bf16_t)), 0)
+                    << "hd " << s.hd << ", " << name << " KV: token of context " << lens[i] << " alone vs listed";
+            }
+            expect_matches(c, toks, q, batch, "invariance batch", {0, 1, 2, 3, 4});
+            by_layout.push_back(batch);
         }
-        expect_matches(c, toks, q, batch, "invariance batch", {0, 1, 2, 3, 4});
+        EXPECT_TRUE(by_layout[0] == by_layout[1]) << "hd " << s.hd << ": the two KV layouts give different outputs";
     }
+}
+
+// A KvLayer without strides (aggregate-initialised the old way) is refused, not read as row 0.
+TEST(CudaDecodeAttention, RefusesKvLayerWithoutStrides) {
+    const int64_t half = int64_t{kBs} * kDbrx.KV * kDbrx.hd;
+    KvLayer kv{nullptr, 2 * half, half, kBs, kDbrx.KV, kDbrx.hd};
+    EXPECT_THROW(attention(nullptr, 1, kDbrx.H, TokenMeta{}, kv, 16, 1, nullptr, nullptr, nullptr), Error);
+    kv.row_stride = half;  // slot 1 of K starts where V does: strides of another block shape
+    kv.head_stride = kDbrx.hd;
+    EXPECT_THROW(attention(nullptr, 1, kDbrx.H, TokenMeta{}, kv, 16, 1, nullptr, nullptr, nullptr), Error);
 }
 
 // The fused merge's arrival counters must be back to zero after every launch: the same launches,

@@ -1,7 +1,7 @@
 // Prefill flash attention (flash_prefill and its CTA-shape variants) against cpu::attend_one: chunks
 // of 1..300 rows over cached prefixes, several sequences per launch, ragged last tiles, odd block
 // sizes, every head dim the backend sends to it; then the long-sequence cases at the DBRX shape,
-// checked on sampled rows and timed per variant.
+// checked on sampled rows and timed per variant. Every case runs with the cache in each KV layout.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -12,6 +12,7 @@
 #include "backend/cuda/kernels.h"
 #include "cuda_test_util.h"
 #include "flash_test_problem.h"
+#include "kv_layout_test_util.h"
 
 namespace dbrx::cuda::test {
 namespace {
@@ -26,7 +27,7 @@ struct DeviceProblem {
         : cache(to_device(p.cache)), q(to_device(p.q)), pos(to_device(p.new_pos)), seq(to_device(p.new_seq)),
           boff(to_device(p.block_off)), blocks(to_device(p.blocks)), tiles(to_device(p.tiles)),
           out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())),
-          kv{cache.as<bf16_t>(), 2 * p.half(), p.half(), p.bs, p.s.KV, p.s.hd},
+          kv(kv_layer(cache.as<bf16_t>(), p.bs, p.s.KV, p.s.hd, p.layout)),
           meta{pos.as<int32_t>(), seq.as<int32_t>(), boff.as<int32_t>(), blocks.as<int32_t>()},
           n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), H(p.s.H), Tn(p.n_tokens()), hd(p.s.hd) {}
     std::vector<float> run(int32_t variant) {
@@ -41,7 +42,8 @@ struct DeviceProblem {
     }
 };
 
-// Every row and head against the reference, for flash_prefill and (head dim 128) every variant.
+// Every row and head against the reference, for flash_prefill and (head dim 128) every variant, with
+// the cache in each KV layout.
 void check_all(Shape s, int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
     ASSERT_TRUE(flash_prefill_supported(s.hd));
     const Problem p = make_problem(s, bs, std::move(chunks), seed);
@@ -49,13 +51,16 @@ void check_all(Shape s, int32_t bs, std::vector<Chunk> chunks, uint32_t seed) {
     std::vector<float> ref(p.q.size());
     for (int32_t t = 0; t < p.n_tokens(); ++t)
         for (int32_t h = 0; h < s.H; ++h) ref_of.attend(t, h, ref.data() + (int64_t{t} * s.H + h) * s.hd);
-    DeviceProblem d(p);
-    const int32_t n_variants = s.hd == 128 ? flash::variant_count() : 0;
-    for (int32_t v = -1; v < n_variants; ++v) {
-        const double err = rel_max_err(d.run(v), ref);
-        std::printf("flash H=%d KV=%d hd=%d bs=%d tokens=%d tiles=%d %s: max rel err %.2e\n", s.H, s.KV, s.hd, bs,
-                    p.n_tokens(), d.n_tiles, v < 0 ? "flash_prefill" : flash::variant_name(v), err);
-        EXPECT_LT(err, 2e-2) << (v < 0 ? "flash_prefill" : flash::variant_name(v));  // bf16 Q and P
+    for (KvLayout layout : kKvLayouts) {
+        DeviceProblem d(in_layout(p, layout));
+        const int32_t n_variants = s.hd == 128 ? flash::variant_count() : 0;
+        for (int32_t v = -1; v < n_variants; ++v) {
+            const char *name = v < 0 ? "flash_prefill" : flash::variant_name(v);
+            const double err = rel_max_err(d.run(v), ref);
+            std::printf("flash H=%d KV=%d hd=%d bs=%d tokens=%d tiles=%d %s, %s KV: max rel err %.2e\n", s.H, s.KV,
+                        s.hd, bs, p.n_tokens(), d.n_tiles, name, kv_layout_name(layout), err);
+            EXPECT_LT(err, 2e-2) << name << ", " << kv_layout_name(layout) << " KV";  // bf16 Q and P
+        }
     }
 }
 
@@ -81,10 +86,11 @@ TEST(CudaFlash, HeadDims32And64) {
     check_all({16, 4, 64}, 16, {{0, 257}, {129, 16}}, 39);
 }
 
-// One sequence of S tokens prefilled as one chunk at the DBRX shape: sampled rows against the
-// reference, every variant against flash_prefill, and the time of each (causal FLOPs counted).
-void check_long(int32_t S, uint32_t seed) {
-    const Problem p = make_problem(kDbrx, 16, {{0, S}}, seed);
+// One sequence of S tokens prefilled as one chunk at the DBRX shape, the cache in `layout`: sampled
+// rows against the reference, every variant against flash_prefill, and the time of each (causal
+// FLOPs counted).
+void check_long(int32_t S, uint32_t seed, KvLayout layout) {
+    const Problem p = make_problem(kDbrx, 16, {{0, S}}, seed, layout);
     DeviceProblem d(p);
     const auto got = d.run(-1);
     Reference ref_of{p};
@@ -98,7 +104,7 @@ void check_long(int32_t S, uint32_t seed) {
             sel.insert(sel.end(), g, g + kDbrx.hd);
         }
     const double err = rel_max_err(sel, ref);
-    std::printf("flash S=%d sampled rows: max rel err %.2e\n", S, err);
+    std::printf("flash S=%d %s KV sampled rows: max rel err %.2e\n", S, kv_layout_name(layout), err);
     EXPECT_LT(err, 2e-2);
 
     const double flops = 4.0 * kDbrx.hd * kDbrx.H * (static_cast<double>(S) * (S + 1) / 2);
@@ -120,15 +126,20 @@ void check_long(int32_t S, uint32_t seed) {
         float ms = 0;
         DBRX_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
         ms /= reps;
-        std::printf("flash S=%d %-40s%s %.3f ms  %.0f TFLOP/s  (vs flash_prefill %.1e)\n", S, flash::variant_name(v),
-                    v == flash::default_variant() ? " [default]" : "", ms, flops / (ms * 1e-3) / 1e12, diff);
+        std::printf("flash S=%d %s KV %-40s%s %.3f ms  %.0f TFLOP/s  (vs flash_prefill %.1e)\n", S,
+                    kv_layout_name(layout), flash::variant_name(v), v == flash::default_variant() ? " [default]" : "",
+                    ms, flops / (ms * 1e-3) / 1e12, diff);
     }
     DBRX_CUDA_CHECK(cudaEventDestroy(e0));
     DBRX_CUDA_CHECK(cudaEventDestroy(e1));
 }
 
-TEST(CudaFlash, DbrxLongSequence4096) { check_long(4096, 41); }
-TEST(CudaFlash, DbrxLongSequence16384) { check_long(16384, 42); }
+TEST(CudaFlash, DbrxLongSequence4096) {
+    for (KvLayout layout : kKvLayouts) check_long(4096, 41, layout);
+}
+TEST(CudaFlash, DbrxLongSequence16384) {
+    for (KvLayout layout : kKvLayouts) check_long(16384, 42, layout);
+}
 
 }  // namespace
 }  // namespace dbrx::cuda::test

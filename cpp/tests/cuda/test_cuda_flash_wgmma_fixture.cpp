@@ -37,6 +37,7 @@ std::unique_ptr<KvPool> prefill_with(Loaded &f, CudaBackend::FlashKernel k, cons
     return pool;
 }
 
+// Layer l of the pool as it lies in device memory (in the pool's KV layout).
 std::vector<bf16_t> layer_cache(KvPool &pool, int32_t l) {
     const KvLayer kv = dynamic_cast<CudaKvPool &>(pool).layer(l);
     return to_host<bf16_t>(kv.base, static_cast<size_t>(pool.n_blocks()) * kv.block_stride);
@@ -56,6 +57,7 @@ TEST(CudaFlashWgmma, TinyDbrxRealRowsMatchTheReference) {
     const Shape s{c.n_heads, c.n_kv_heads, c.head_dim};
     Problem p = make_problem(s, kBs, {{0, n}}, 1);
     std::iota(p.blocks.begin(), p.blocks.end(), 0);
+    p.layout = dynamic_cast<CudaKvPool &>(*pool).layout();
     p.cache = layer_cache(*pool, last);
     p.q = to_host<float>(f.cuda->device_queries(), static_cast<size_t>(n) * s.H * s.hd);
     Reference ref_of{p};
@@ -105,16 +107,15 @@ TEST(CudaFlashWgmma, TinyDbrxBackendKernelsAgreePerPosition) {
     const auto ka = to_f32(layer_cache(*a, last)), kb = to_f32(layer_cache(*b, last));
     EXPECT_TRUE(layer_cache(*b, last) == layer_cache(*b2, last)) << "two wgmma prefills differ";
     const KvLayer kv = dynamic_cast<CudaKvPool &>(*a).layer(last);
-    const int64_t row = int64_t{c.n_kv_heads} * c.head_dim;
     std::vector<std::pair<double, int32_t>> by_pos;
     for (int32_t t = 0; t < n; ++t) {
-        const int64_t o = (t / kBs) * kv.block_stride + (t % kBs) * row;
         double diff = 0, mag = 1e-3;
-        for (int64_t half : {int64_t{0}, kv.v_offset})
-            for (int64_t i = 0; i < row; ++i) {
-                diff = std::max(diff, std::fabs(static_cast<double>(ka[o + half + i]) - kb[o + half + i]));
-                mag = std::max(mag, std::fabs(static_cast<double>(ka[o + half + i])));
-            }
+        for (int32_t h = 0; h < c.n_kv_heads; ++h)
+            for (int64_t o : {kv_offset(kv, t / kBs, t % kBs, h), kv_offset(kv, t / kBs, t % kBs, h) + kv.v_offset})
+                for (int32_t i = 0; i < c.head_dim; ++i) {
+                    diff = std::max(diff, std::fabs(static_cast<double>(ka[o + i]) - kb[o + i]));
+                    mag = std::max(mag, std::fabs(static_cast<double>(ka[o + i])));
+                }
         by_pos.push_back({diff / mag, t});
     }
     std::sort(by_pos.rbegin(), by_pos.rend());

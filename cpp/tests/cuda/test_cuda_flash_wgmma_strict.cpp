@@ -1,7 +1,7 @@
 // The Hopper wgmma prefill kernel held row by row: strict per-row checks at tiny-dbrx's and DBRX's
 // head counts, and the backend's use of it (chunks of 20 over a prefix, long block tables, metadata
 // packed in one buffer, every kind of stream, two host threads at once). Every launch is waited for
-// with a 10 s bound.
+// with a 10 s bound. The strict checks run with the cache in each KV layout.
 #include "flash_wgmma_test_util.h"
 
 namespace dbrx::cuda::test {
@@ -29,7 +29,7 @@ void peak_on_diagonal(Problem &p) {
         const int64_t blk = p.blocks[p.block_off[sq] + pos / p.bs];
         for (int32_t h = 0; h < s.H; ++h) {
             const int32_t kvh = h / (s.H / s.KV);
-            const bf16_t *k = p.cache.data() + blk * 2 * p.half() + (int64_t{pos % p.bs} * s.KV + kvh) * s.hd;
+            const bf16_t *k = p.cache.data() + kv_offset(p.kv(), blk, pos % p.bs, kvh);
             float *q = p.q.data() + (int64_t{t} * s.H + h) * s.hd;
             for (int32_t i = 0; i < s.hd; ++i) q[i] += 3.f * bf16_to_float(k[i]);
         }
@@ -37,17 +37,20 @@ void peak_on_diagonal(Problem &p) {
 }
 
 void poison_tails(Problem &p) {
+    const KvLayer kv = p.kv();
     int32_t boff = 0;
     for (const Chunk &c : p.chunks) {
         const int32_t len = c.prefix + c.n_new, nb = (len + p.bs - 1) / p.bs;
-        for (int32_t slot = len; slot < nb * p.bs; ++slot) {
-            const int64_t off = p.blocks[boff + slot / p.bs] * 2 * p.half() + int64_t{slot % p.bs} * p.s.KV * p.s.hd;
-            const bf16_t big = 0x7f7f, nan = 0x7fc0;  // 3.39e38 and NaN
-            for (int64_t j = 0; j < int64_t{p.s.KV} * p.s.hd; ++j) {
-                p.cache[off + j] = (slot + j) % 2 ? nan : big;
-                p.cache[off + p.half() + j] = (slot + j) % 2 ? big : nan;
+        for (int32_t slot = len; slot < nb * p.bs; ++slot)
+            for (int32_t h = 0; h < p.s.KV; ++h) {
+                const int64_t off = kv_offset(kv, p.blocks[boff + slot / p.bs], slot % p.bs, h);
+                const bf16_t big = 0x7f7f, nan = 0x7fc0;  // 3.39e38 and NaN
+                for (int32_t i = 0; i < p.s.hd; ++i) {
+                    const int64_t j = int64_t{h} * p.s.hd + i;  // the value's index in its slot
+                    p.cache[off + i] = (slot + j) % 2 ? nan : big;
+                    p.cache[off + kv.v_offset + i] = (slot + j) % 2 ? big : nan;
+                }
             }
-        }
         boff += nb;
     }
 }
@@ -87,7 +90,7 @@ using Worst = std::vector<double>;
 void lengthen_table(Problem &p, int32_t extra) {
     ASSERT_EQ(p.chunks.size(), 1u);
     for (int32_t i = 0; i < extra; ++i) p.blocks.push_back(p.n_blocks++);
-    p.cache.resize(static_cast<size_t>(p.n_blocks) * 2 * p.half(), 0x7fc0);
+    p.cache.resize(static_cast<size_t>(p.n_blocks * p.kv().block_stride), 0x7fc0);
 }
 
 // floor: check_rows' (1: absolute below magnitude 1; small: per-row relative).
@@ -102,20 +105,25 @@ void check_strict(Shape s, int32_t prefix, int32_t n, float qmul, bool peaked, u
     std::vector<float> ref(static_cast<size_t>(p.n_tokens()) * s.H * s.hd);
     for (int32_t t = 0; t < p.n_tokens(); ++t)
         for (int32_t h = 0; h < s.H; ++h) ref_of.attend(t, h, ref.data() + (int64_t{t} * s.H + h) * s.hd);
-    DeviceProblem d(p);
-    const std::string where = "H=" + std::to_string(s.H) + " KV=" + std::to_string(s.KV) + " prefix " +
-                              std::to_string(prefix) + " rows " + std::to_string(n) + " qmul " + std::to_string(qmul) +
-                              (peaked ? " peaked" : "") + " floor " + std::to_string(floor);
-    const auto base = d.run(-2);
     worst.resize(1 + 2 * (1 + wgfa::variant_count()), 0.0);
-    worst[0] = std::max(worst[0], check_rows(p, base, ref, where + " flash_prefill vs cpu", floor));
-    for (int32_t v = -1; v < wgfa::variant_count(); ++v) {
-        const auto got = d.run(v);
-        const size_t i = 1 + 2 * static_cast<size_t>(v + 1);
-        worst[i] = std::max(worst[i], check_rows(p, got, ref, where + " " + DeviceProblem::name(v) + " vs cpu", floor));
-        worst[i + 1] = std::max(
-            worst[i + 1], check_rows(p, got, base, where + " " + DeviceProblem::name(v) + " vs flash_prefill", floor));
-        EXPECT_TRUE(d.run(v) == got) << where << " " << DeviceProblem::name(v) << ": two runs differ";
+    for (KvLayout layout : kKvLayouts) {
+        DeviceProblem d(in_layout(p, layout));
+        const std::string where = "H=" + std::to_string(s.H) + " KV=" + std::to_string(s.KV) + " prefix " +
+                                  std::to_string(prefix) + " rows " + std::to_string(n) + " qmul " +
+                                  std::to_string(qmul) + (peaked ? " peaked" : "") + " floor " + std::to_string(floor) +
+                                  " " + kv_layout_name(layout) + " KV";
+        const auto base = d.run(-2);
+        worst[0] = std::max(worst[0], check_rows(p, base, ref, where + " flash_prefill vs cpu", floor));
+        for (int32_t v = -1; v < wgfa::variant_count(); ++v) {
+            const auto got = d.run(v);
+            const size_t i = 1 + 2 * static_cast<size_t>(v + 1);
+            worst[i] =
+                std::max(worst[i], check_rows(p, got, ref, where + " " + DeviceProblem::name(v) + " vs cpu", floor));
+            worst[i + 1] = std::max(worst[i + 1], check_rows(p, got, base,
+                                                             where + " " + DeviceProblem::name(v) + " vs flash_prefill",
+                                                             floor));
+            EXPECT_TRUE(d.run(v) == got) << where << " " << DeviceProblem::name(v) << ": two runs differ";
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 #include "backend/cpu/kernels.h"
 #include "backend/cuda/kernels.h"
 #include "cuda_test_util.h"
+#include "kv_layout_test_util.h"
 
 namespace dbrx::cuda::test {
 namespace {
@@ -47,9 +48,10 @@ struct SeqSpec {
     int32_t pos0, n_new;  // cached prefix length, new tokens
 };
 
-// Runs qkv_epilogue over every position of every sequence (filling the cache), then attention for
-// the last n_new tokens of each sequence, and compares with cpu::rope_apply + cpu::attend_one.
-void check_attention(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint32_t seed) {
+// Runs qkv_epilogue over every position of every sequence (filling the cache in `layout`), then
+// attention for the last n_new tokens of each sequence, and compares with cpu::rope_apply +
+// cpu::attend_one (over a slot-major copy of the cache).
+void check_attention(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint32_t seed, KvLayout layout) {
     const int32_t bs = 16, rows = (s.H + 2 * s.KV) * s.hd, d = s.H * s.hd;
     // Block tables: a shuffled permutation of the pool so sequences interleave.
     int32_t n_blocks = 0;
@@ -82,7 +84,8 @@ void check_attention(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint3
     auto d_npos = to_device(new_pos), d_nseq = to_device(new_seq);
     const int64_t half = static_cast<int64_t>(bs) * s.KV * s.hd;
     DeviceBuffer cache(sizeof(bf16_t) * n_blocks * 2 * half);
-    KvLayer kv{cache.as<bf16_t>(), 2 * half, half, bs, s.KV, s.hd};
+    const KvLayer kv = kv_layer(cache.as<bf16_t>(), bs, s.KV, s.hd, layout);
+    const char *lname = kv_layout_name(layout);
     TokenMeta all{d_pos.as<int32_t>(), d_seq.as<int32_t>(), d_boff.as<int32_t>(), d_blocks.as<int32_t>()};
     DeviceBuffer q(sizeof(float) * T * d);
     qkv_epilogue(d_qkv.as<float>(), T, s.H, s.clip, d_inv.as<float>(), all, kv, q.as<float>(), nullptr);
@@ -98,7 +101,8 @@ void check_attention(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint3
     DeviceBuffer out(sizeof(bf16_t) * Tn * d);
     attention(d_qnew.as<float>(), Tn, s.H, news, kv, max_ctx, splits, scratch.get(), out.as<bf16_t>(), nullptr);
     auto got = to_f32(to_host<bf16_t>(out.get(), static_cast<size_t>(Tn) * d));
-    auto cache_h = to_f32(to_host<bf16_t>(cache.get(), static_cast<size_t>(n_blocks) * 2 * half));
+    const KvLayer slots = kv_shape(bs, s.KV, s.hd, KvLayout::SlotMajor);
+    auto cache_h = to_f32(slot_major(to_host<bf16_t>(cache.get(), static_cast<size_t>(n_blocks) * 2 * half), n_blocks, kv));
 
     // CPU: clamp + RoPE per token; K/V cache as fp32 copies of the GPU's bf16 cache, checked first.
     std::vector<float> ref_q(static_cast<size_t>(T) * d), kcache(cache_h.size()), vcache(cache_h.size());
@@ -111,14 +115,14 @@ void check_attention(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint3
         cpu::rope_apply(r.data(), s.H + s.KV, s.hd, cs.data(), sn.data());
         std::copy(r.begin(), r.begin() + d, ref_q.begin() + int64_t{t} * d);
         const int32_t b = blocks[block_off[seq[t]] + pos[t] / bs];
-        const int64_t off = b * 2 * half + static_cast<int64_t>(pos[t] % bs) * s.KV * s.hd;
+        const int64_t off = kv_offset(slots, b, pos[t] % bs, 0);  // the slot's KV heads, contiguous
         for (int32_t i = 0; i < s.KV * s.hd; ++i) {
             kv_err = std::max(kv_err, static_cast<double>(std::fabs(cache_h[off + i] - r[d + i])));
             kv_err = std::max(kv_err, static_cast<double>(std::fabs(cache_h[off + half + i] - r[d + s.KV * s.hd + i])));
         }
     }
     EXPECT_LT(rel_max_err(q_all, ref_q), 1e-5) << "queries after clamp + RoPE";
-    EXPECT_LT(kv_err, 2.f * 4e-3) << "K/V written to the cache (bf16 of values within +-clip)";
+    EXPECT_LT(kv_err, 2.f * 4e-3) << "K/V written to the " << lname << " cache (bf16 of values within +-clip)";
     cpu::PagedKv pk{cache_h.data(), cache_h.data() + half, 2 * half, bs, s.KV, s.hd};
     std::vector<float> ref(static_cast<size_t>(Tn) * d), scores(max_ctx);
     const float scale = 1.f / std::sqrt(static_cast<float>(s.hd));
@@ -130,8 +134,9 @@ void check_attention(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint3
                             scale, scores.data(), ref.data() + (int64_t{t} * s.H + h) * s.hd);
     }
     const double err = rel_max_err(got, ref);
-    std::printf("attention H=%d KV=%d hd=%d tokens=%d splits=%d: max rel err %.2e\n", s.H, s.KV, s.hd, Tn, splits, err);
-    EXPECT_LT(err, 1e-2);
+    std::printf("attention H=%d KV=%d hd=%d %s KV tokens=%d splits=%d: max rel err %.2e\n", s.H, s.KV, s.hd, lname, Tn,
+                splits, err);
+    EXPECT_LT(err, 1e-2) << lname << " KV";
 
     // Flash prefill over the chunks long enough for it, compared on the rows it covers.
     if (!flash_prefill_supported(s.hd)) return;
@@ -158,22 +163,26 @@ void check_attention(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint3
         rsel.insert(rsel.end(), ref.begin() + int64_t{t} * d, ref.begin() + int64_t{t + 1} * d);
     }
     const double ferr = rel_max_err(fsel, rsel);
-    std::printf("flash prefill H=%d KV=%d hd=%d rows=%zu tiles=%zu: max rel err %.2e\n", s.H, s.KV, s.hd,
+    std::printf("flash prefill H=%d KV=%d hd=%d %s KV rows=%zu tiles=%zu: max rel err %.2e\n", s.H, s.KV, s.hd, lname,
                 rows_covered.size(), tiles.size() / 4, ferr);
-    EXPECT_LT(ferr, 2e-2);  // bf16 Q and P on the tensor cores
+    EXPECT_LT(ferr, 2e-2) << lname << " KV";  // bf16 Q and P on the tensor cores
+}
+
+void check_both_layouts(const AttnShape &s, const std::vector<SeqSpec> &seqs, uint32_t seed) {
+    for (KvLayout layout : kKvLayouts) check_attention(s, seqs, seed, layout);
 }
 
 TEST(CudaAttention, DbrxShapePrefillWithPrefix) {
-    check_attention({48, 8, 128, 1.5f}, {{0, 37}, {100, 29}}, 11);
+    check_both_layouts({48, 8, 128, 1.5f}, {{0, 37}, {100, 29}}, 11);
 }
 TEST(CudaAttention, DbrxShapeDecodeLongContextSplit) {
-    check_attention({48, 8, 128, 1.5f}, {{2047, 1}, {700, 1}, {5, 1}}, 12);
+    check_both_layouts({48, 8, 128, 1.5f}, {{2047, 1}, {700, 1}, {5, 1}}, 12);
 }
 TEST(CudaAttention, DbrxShapeLongChunksOverPrefix) {
-    check_attention({48, 8, 128, 1.5f}, {{0, 300}, {200, 100}, {1000, 17}}, 15);
+    check_both_layouts({48, 8, 128, 1.5f}, {{0, 300}, {200, 100}, {1000, 17}}, 15);
 }
-TEST(CudaAttention, TinyFixtureShape) { check_attention({2, 1, 128, 1.5f}, {{0, 130}, {60, 1}}, 13); }
-TEST(CudaAttention, Cl100kFixtureShapeNoClip) { check_attention({2, 1, 16, 0.f}, {{0, 70}, {8, 1}}, 14); }
+TEST(CudaAttention, TinyFixtureShape) { check_both_layouts({2, 1, 128, 1.5f}, {{0, 130}, {60, 1}}, 13); }
+TEST(CudaAttention, Cl100kFixtureShapeNoClip) { check_both_layouts({2, 1, 16, 0.f}, {{0, 70}, {8, 1}}, 14); }
 
 // --- decode GEMV (y = x W^T for a few tokens, optionally added into y) ---
 
