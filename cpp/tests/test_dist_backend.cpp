@@ -1,13 +1,17 @@
 // The sharded CPU backend against the one-rank CPU backend on both fixtures: tp 2/3/4, ep 2/4 and
 // tp 2 x ep 2 give the same last logits (within 1e-5) and the same greedy ids through the paged
 // KV cache; several sequences in one step gather their logits rows correctly; a rank that fails or
-// stalls mid-run makes the step fail with ENGINE_DEAD naming it, within a bounded time.
+// stalls mid-run makes the step fail with ENGINE_DEAD naming it, within a bounded time; each rank
+// runs on the same thread of its own on every step (rank 0 on the caller's).
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <mutex>
 #include <numeric>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -208,6 +212,40 @@ TEST(DistShardedBackend, StalledRankTimesOutTheOthers) {
     EXPECT_NE(f.message.find("waiting for rank(s) 1"), std::string::npos) << f.message;
     // The step ends once the stalled thread returns (2.5 s); the others had given up at 1 s.
     EXPECT_LT(f.elapsed, 4s);
+}
+
+// Unique to each thread ever started, unlike std::thread::id, which a new thread may reuse.
+uint64_t thread_serial() {
+    static std::atomic<uint64_t> next{1};
+    thread_local const uint64_t mine = next++;
+    return mine;
+}
+
+TEST(DistShardedBackend, EachRankKeepsItsThreadAcrossSteps) {
+    auto ckpt = Checkpoint::open(kFixtures[1]);
+    const auto prompt = load_ref_cases(kFixtures[1])[0].prompt;
+    constexpr int32_t kRanks = 4;
+    std::mutex mutex;
+    std::vector<std::set<uint64_t>> threads(kRanks);
+    ShardedCpuOptions so;
+    so.before_layer = [&](int32_t rank, int32_t) {
+        std::lock_guard<std::mutex> lock(mutex);
+        threads[rank].insert(thread_serial());
+    };
+    BackendOptions options;
+    options.n_threads = kRanks;
+    auto be = make_sharded_cpu_backend(*ckpt, options, 2, 2, so);
+    for (int i = 0; i < 3; ++i) {
+        Failure f = forward_once(*be, prompt, ckpt->config().vocab_size);
+        ASSERT_EQ(f.status, DBRX_OK) << f.message;
+    }
+    std::set<uint64_t> all;
+    for (int32_t r = 0; r < kRanks; ++r) {
+        ASSERT_EQ(threads[r].size(), 1u) << "rank " << r << " ran on " << threads[r].size() << " threads";
+        all.insert(*threads[r].begin());
+    }
+    EXPECT_EQ(*threads[0].begin(), thread_serial());
+    EXPECT_EQ(all.size(), static_cast<size_t>(kRanks));
 }
 
 TEST(DistShardedBackend, RejectsLayoutsTheModelCannotTake) {

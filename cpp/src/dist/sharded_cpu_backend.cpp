@@ -50,7 +50,10 @@ class ShardedCpuBackend final : public Backend {
 public:
     ShardedCpuBackend(const Checkpoint &ckpt, const BackendOptions &options, int32_t tp, int32_t ep,
                       ShardedCpuOptions sharded)
-        : cfg_(ckpt.config()), plan_(ShardPlan::make(ckpt.config(), tp, ep)), sharded_(std::move(sharded)) {
+        : cfg_(ckpt.config()),
+          plan_(ShardPlan::make(ckpt.config(), tp, ep)),
+          sharded_(std::move(sharded)),
+          workers_(static_cast<size_t>(plan_.world_size)) {
         check_backend_config(cfg_, static_cast<int64_t>(ckpt.weights().layers.size()), "sharded CPU backend");
         int32_t total = options.n_threads > 0 ? options.n_threads
                                               : static_cast<int32_t>(std::max(1u, std::thread::hardware_concurrency()));
@@ -89,6 +92,9 @@ private:
     std::vector<std::unique_ptr<ThreadCommunicator>> comms_;
     std::mutex mutex_;
     std::string dead_;  // why the group failed; empty while healthy (guarded by mutex_)
+    // Declared last, so destroyed first: its idle threads are joined while the ranks still exist.
+    // Destroying the backend during a forward is the caller's error anyway (forward holds mutex_).
+    RankWorkers workers_;
 };
 
 ShardedKvPool &ShardedCpuBackend::check_inputs(KvPool &pool, std::span<const SeqStep> batch, float *logits) const {
@@ -113,9 +119,8 @@ void ShardedCpuBackend::forward(KvPool &pool, std::span<const SeqStep> batch, fl
     }
     if (step.tokens.empty()) return;
 
-    // One thread per rank for the step (rank_threads.h: the first failure is the root cause).
-    const std::string failure = run_rank_threads(
-        static_cast<size_t>(plan_.world_size),
+    // Each rank on its own thread, the same on every step (rank_threads.h: the first failure is the root cause).
+    const std::string failure = workers_.run(
         [&](size_t r) {
             ranks_[r]->forward(step, kv.rank(static_cast<int32_t>(r)), *comms_[r], logits, sharded_.before_layer);
         },

@@ -83,7 +83,10 @@ class ShardedCuda final : public ShardedCudaBackend {
 public:
     ShardedCuda(const ModelConfig &global, int32_t tp, int32_t ep, ShardedCudaOptions options,
                 const ModelFactory &make_model)
-        : cfg_(global), plan_(ShardPlan::make(global, tp, ep)), options_(std::move(options)) {
+        : cfg_(global),
+          plan_(ShardPlan::make(global, tp, ep)),
+          options_(std::move(options)),
+          workers_(std::max<size_t>(1, options_.devices.size())) {
         check_cuda_plan(plan_);
         const std::vector<int32_t> &devs = options_.devices;
         const int32_t local = static_cast<int32_t>(devs.size());
@@ -238,6 +241,11 @@ private:
     std::mutex mutex_;
     std::string dead_;  // why the group failed; empty while healthy (guarded by mutex_)
     int32_t kv_blocks_ = 0, kv_block_size_ = 0;
+    // Local rank i >= 1 runs on its own thread, the same on every step: a CUDA graph is captured and
+    // replayed there. No rank relies on thread-local state beyond the current device, which
+    // compute_logits sets on every step. Its idle threads are joined when the backend goes (never
+    // during a forward: that holds mutex_).
+    RankWorkers workers_;
 };
 
 void ShardedCuda::align_graphs() {
@@ -286,9 +294,9 @@ void ShardedCuda::forward(KvPool &pool, std::span<const SeqStep> batch, float *l
 
     align_graphs();
 
-    // One thread per rank (rank_threads.h: the first failure is the root cause).
-    const std::string failure = run_rank_threads(
-        ranks_.size(),
+    // Each local rank on its own thread, the same on every step (rank_threads.h: the first failure
+    // is the root cause).
+    const std::string failure = workers_.run(
         [&](size_t i) {
             Rank &r = ranks_[i];
             auto *rank_pool = dynamic_cast<cuda::CudaKvPool *>(&kv->rank(i));
