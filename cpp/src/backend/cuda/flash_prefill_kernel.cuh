@@ -57,11 +57,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     const int32_t last = tw.last, n_kt = tw.n_kt;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    // (block, slot) of each key of a tile, published one iteration before the tile's copies.
-    __shared__ int2 kmap[2][BN];
-    auto key_place = [&](int32_t j) {
-        return j <= last ? make_int2(table[j / bs], j % bs) : make_int2(0, 0);
-    };
+    // Cache offset (K side) of each key of a tile, published one iteration before the tile's copies
+    // (the table lookup and the offset arithmetic stay off the copy loop).
+    __shared__ int64_t kmap[2][BN];
+    auto key_place = [&](int32_t j) -> int64_t { return j <= last ? kv_offset(kv, table[j / bs], j % bs, kvh) : 0; };
     // K/V tile kt -> stage st, key r of the tile at place(r). Keys past `last` are zero-filled (they
     // are masked, and zero V keeps 0 * V finite).
     auto load_kv = [&](int32_t kt, int st, auto place) {
@@ -73,11 +72,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             const int r = i / kChunks, c = i % kChunks;
             const int32_t j = kt * BN + r;
             const bool valid = j <= last;
-            const uint16_t *src = kv.base;
-            if (valid) {
-                const int2 bp = place(r);
-                src = kv.base + kv_offset(kv, bp.x, bp.y, kvh) + c * 8;
-            }
+            const uint16_t *src = valid ? kv.base + place(r) + c * 8 : kv.base;
             const int so = (st * BN + r) * LD + c * 8;
             cp_async16(smem_u32(sk + so), src, valid);
             cp_async16(smem_u32(sv + so), valid ? src + kv.v_offset : src, valid);
@@ -124,12 +119,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         __syncthreads();  // tile kt landed for everyone; tile kt-1's stage is free
         {
             const int32_t nk = kt + ST - 1;
-            const int2 *km = kmap[nk % 2];
+            const int64_t *km = kmap[nk % 2];
             if (nk < n_kt) load_kv(nk, nk % ST, [&](int r) { return km[r]; });
             cp_commit();
         }
         // The next tile's block-table entries: loaded now, stored after the math hides the latency.
-        const int2 next_place = tid < BN ? key_place((kt + ST) * BN + tid) : make_int2(0, 0);
+        const int64_t next_place = tid < BN ? key_place((kt + ST) * BN + tid) : 0;
         const int32_t key0 = kt * BN;
         if (warp_active && key0 <= warp_last) {  // else all keys are in this warp's future
             const uint32_t kst = k_lane + (kt % ST) * BN * LD * 2, vst = v_lane + (kt % ST) * BN * LD * 2;
