@@ -5,9 +5,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <ostream>
 #include <vector>
 
 #include "backend/cuda/kernels.h"
+
+namespace dbrx::cuda {
+// GoogleTest prints parameters of this type by name.
+inline void PrintTo(KvLayout layout, std::ostream *os) { *os << kv_layout_name(layout); }
+}  // namespace dbrx::cuda
 
 namespace dbrx::cuda::test {
 
