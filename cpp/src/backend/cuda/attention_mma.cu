@@ -130,11 +130,37 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     const int32_t n_my = n_tiles > warp ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
     uint16_t *wsm = smem + warp * S::kWarpElems;
     const uint64_t pol = evict_first_policy();  // K/V are read once
-    // Lane r < 16 finds the cache offset of key r of this warp's k-th tile (one lookup ahead of use).
+    // When a tile lies in one block (bs % kTile == 0), the block ids of this warp's tiles are read 32
+    // at a time (lane i: tile win + i), a window ahead of use: no block-table read sits between two
+    // tiles' copies (ncu: the loop's stalls were mostly on that dependent load). Other block sizes
+    // read the table per key.
+    const bool whole_tiles = bs % kTile == 0;
+    auto tile_block = [&](int32_t k) {
+        const int32_t j0 = begin + (warp + kWarps * k) * kTile;
+        return k < n_my && j0 < end ? __ldg(table + j0 / bs) : 0;
+    };
+    int32_t win = 0, blk_cur = 0, blk_next = 0;
+    if (whole_tiles) {
+        blk_cur = tile_block(lane);
+        blk_next = tile_block(32 + lane);
+    }
+    // Lane r < 16 finds the cache offset of key r of this warp's k-th tile (one lookup ahead of use;
+    // k rises by one per call).
     auto lookup = [&](int32_t k, int64_t &off, bool &ok) {
         const int32_t j = begin + (warp + kWarps * k) * kTile + lane;
         ok = lane < kTile && k < n_my && j < end;
-        off = ok ? kv_offset(kv, table[j / bs], j % bs, kvh) : 0;
+        int32_t blk;
+        if (whole_tiles) {
+            if (k >= win + 32) {
+                win += 32;
+                blk_cur = blk_next;
+                blk_next = tile_block(win + 32 + lane);
+            }
+            blk = __shfl_sync(0xffffffffu, blk_cur, k - win);
+        } else {
+            blk = ok ? table[j / bs] : 0;
+        }
+        off = ok ? kv_offset(kv, blk, j % bs, kvh) : 0;
     };
     auto issue = [&](int32_t k, int64_t off, bool ok) {
         uint16_t *ks = wsm + (k % kStages) * S::kStageElems, *vs = ks + S::kTileElems;
