@@ -46,8 +46,8 @@ template <int HD, int Stages> struct Smem {
 
 // Run by the last split CTA of a token: combines the token's ns split states of the G query heads of
 // KV head kvh in split order (one warp per head, each lane a float4 of the head's dimensions; split
-// s's (m, l) on lane s % 32), so the output depends only on the token's own context. The first
-// batch of accumulators is loaded before the maxima are reduced (it does not depend on them).
+// s's (m, l) on lane s % 32), so the output depends only on the token's own context. The first 32
+// splits' accumulators are loaded with the (m, l) pairs, before the maxima are reduced.
 template <int HD>
 __device__ __forceinline__ void merge_splits(const float *scratch, int64_t slot, int32_t n_heads, int32_t G,
                                              int32_t kvh, int32_t splits, int32_t ns, uint16_t *out, int32_t t) {
@@ -59,16 +59,19 @@ __device__ __forceinline__ void merge_splits(const float *scratch, int64_t slot,
         const int32_t h = kvh * G + r;
         const float *p0 = attn::partial(const_cast<float *>(scratch), slot, n_heads, h, splits, 0, HD);
         const float *a0 = p0 + attn::kPartialHead + 4 * lane;
-        float4 a[kU];
-        auto load = [&](int32_t s1) {
+        // Splits 0..31 (two batches) are loaded with the (m, l) pairs, in one round trip: the merge
+        // is the tail of the launch at long contexts, so its latency is the kernel's.
+        float4 a[kU], b[kU];
+        auto load = [&](float4(&dst)[kU], int32_t s1) {
 #pragma unroll
             for (int u = 0; u < kU; ++u)
-                a[u] = active && s1 + u < ns ? __ldcg(reinterpret_cast<const float4 *>(a0 + (s1 + u) * stride))
-                                             : make_float4(0.f, 0.f, 0.f, 0.f);
+                dst[u] = active && s1 + u < ns ? __ldcg(reinterpret_cast<const float4 *>(a0 + (s1 + u) * stride))
+                                               : make_float4(0.f, 0.f, 0.f, 0.f);
         };
         const float m_l = lane < ns ? __ldcg(p0 + lane * stride) : -INFINITY;
         const float l_l = lane < ns ? __ldcg(p0 + lane * stride + 1) : 0.f;
-        load(0);
+        load(a, 0);
+        load(b, kU);
         float mx = m_l;
         for (int32_t s = lane + 32; s < ns; s += 32) mx = fmaxf(mx, __ldcg(p0 + s * stride));
         const float M = warp_max(mx);
@@ -76,20 +79,25 @@ __device__ __forceinline__ void merge_splits(const float *scratch, int64_t slot,
         for (int32_t s = lane + 32; s < ns; s += 32) ls += __ldcg(p0 + s * stride + 1) * exp2f(__ldcg(p0 + s * stride) - M);
         const float L = warp_sum(ls);
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        auto add = [&](const float4(&x)[kU], float f, int i) {
+#pragma unroll
+            for (int u = 0; u < kU; ++u) {
+                const float fu = __shfl_sync(0xffffffffu, f, i + u);
+                acc.x = fmaf(fu, x[u].x, acc.x);
+                acc.y = fmaf(fu, x[u].y, acc.y);
+                acc.z = fmaf(fu, x[u].z, acc.z);
+                acc.w = fmaf(fu, x[u].w, acc.w);
+            }
+        };
         for (int32_t s0 = 0; s0 < ns; s0 += 32) {
+            if (s0 > 0) {
+                load(a, s0);
+                load(b, s0 + kU);
+            }
             const float f = s0 == 0 ? (lane < ns ? exp2f(m_l - M) : 0.f)
                                     : (s0 + lane < ns ? exp2f(__ldcg(p0 + (s0 + lane) * stride) - M) : 0.f);
-            for (int32_t i = 0; i < 32 && s0 + i < ns; i += kU) {
-                if (s0 + i > 0) load(s0 + i);
-#pragma unroll
-                for (int u = 0; u < kU; ++u) {
-                    const float fu = __shfl_sync(0xffffffffu, f, i + u);
-                    acc.x = fmaf(fu, a[u].x, acc.x);
-                    acc.y = fmaf(fu, a[u].y, acc.y);
-                    acc.z = fmaf(fu, a[u].z, acc.z);
-                    acc.w = fmaf(fu, a[u].w, acc.w);
-                }
-            }
+            add(a, f, 0);
+            if (s0 + kU < ns) add(b, f, kU);
         }
         if (active) {
             const uint2 v{pack_bf16(acc.x / L, acc.y / L), pack_bf16(acc.z / L, acc.w / L)};
@@ -192,6 +200,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     auto store_state = [&](int stage) {
         float *ms = state(warp, stage), *ls = ms + 16, *os = ls + 16;
         const float lq0 = quad_sum(l0), lq1 = quad_sum(l1);
+        // Only the G real rows: combine() reads no other (G is 6 for DBRX: rows 8..15 are padding).
+        const bool row0 = g < G, row1 = g + 8 < G;
         if (c == 0) {
             ms[g] = m0;
             ms[g + 8] = m1;
@@ -201,8 +211,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 #pragma unroll
         for (int n = 0; n < HD / 8; ++n) {
             float *r0 = os + g * S::kORow + n * 8 + 2 * c, *r1 = r0 + 8 * S::kORow;
-            *reinterpret_cast<float2 *>(r0) = make_float2(o[n][0], o[n][1]);
-            *reinterpret_cast<float2 *>(r1) = make_float2(o[n][2], o[n][3]);
+            if (row0) *reinterpret_cast<float2 *>(r0) = make_float2(o[n][0], o[n][1]);
+            if (row1) *reinterpret_cast<float2 *>(r1) = make_float2(o[n][2], o[n][3]);
         }
     };
     // Merges the warps' stored states in warp order into split `sp`'s partial state (or, for a token
