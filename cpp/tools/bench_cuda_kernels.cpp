@@ -67,7 +67,8 @@ namespace {
 // Prefill rows time the kernel the backend picks (wgmma on Hopper at head dim 128) unless
 // `mma_sync` asks for the portable mma.sync kernel.
 void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, int32_t seqs, int32_t ctx,
-                     int32_t n_new, std::vector<Row> &rows, KvLayout layout, bool mma_sync = false) {
+                     int32_t n_new, std::vector<Row> &rows, KvLayout layout, bool mma_sync = false,
+                     bool batch_invariant = false) {
     const ModelConfig cfg = dbrx_config(1);
     const int32_t H = cfg.n_heads, KV = cfg.n_kv_heads, hd = cfg.head_dim, bs = 16;
     const int32_t blocks_per = (ctx + bs - 1) / bs;
@@ -116,7 +117,8 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
             (wgmma ? flash_prefill_wgmma : flash_prefill)(dq.as<float>(), static_cast<int32_t>(tiles.size() / 4), H,
                                                            dtiles.as<int32_t>(), tm, kv, out.as<bf16_t>(), stream);
         else
-            attention(dq.as<float>(), T, H, tm, kv, ctx, splits, scratch.get(), out.as<bf16_t>(), stream);
+            attention(dq.as<float>(), T, H, tm, kv, ctx, splits, scratch.get(), out.as<bf16_t>(), stream, nullptr,
+                      batch_invariant);
     });
     // Keys each query reads: causal over the whole context.
     double key_reads = 0;
@@ -142,6 +144,8 @@ void bench_attention_all(cudaStream_t stream, const Ceilings &c, bool quick, std
     bench_attention(stream, c, "attention decode B=1 ctx=32768, slot-major KV", 1, 32768, 1, rows, slot);
     bench_attention(stream, c, "attention decode B=64 ctx=8192", 64, 8192, 1, rows, pool);
     bench_attention(stream, c, "attention decode B=64 ctx=8192, slot-major KV", 64, 8192, 1, rows, slot);
+    bench_attention(stream, c, "attention decode B=64 ctx=8192, batch-invariant mode", 64, 8192, 1, rows, pool, false,
+                    true);
     bench_attention(stream, c, "attention prefill causal S=4096", 1, 4096, 4096, rows, pool);
     bench_attention(stream, c, "attention prefill causal S=4096, slot-major KV", 1, 4096, 4096, rows, slot);
     bench_attention(stream, c, "attention prefill causal S=4096, mma.sync kernel", 1, 4096, 4096, rows, pool, true);

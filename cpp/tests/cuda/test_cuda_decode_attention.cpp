@@ -110,8 +110,8 @@ std::vector<float> queries(const Shape &s, size_t n_tokens, uint32_t seed) {
 class Launch {
 public:
     Launch(const Cache &c, const std::vector<Tok> &toks, const std::vector<float> &q, int32_t max_ctx,
-           const std::vector<int32_t> &tok_list = {})
-        : c_(c), max_ctx_(max_ctx), n_out_(toks.size() * c.shape().H * c.shape().hd) {
+           const std::vector<int32_t> &tok_list = {}, bool invariant = true)
+        : c_(c), max_ctx_(max_ctx), n_out_(toks.size() * c.shape().H * c.shape().hd), invariant_(invariant) {
         std::vector<int32_t> pos, seq;
         for (const Tok &t : toks) {
             pos.push_back(t.pos);
@@ -135,7 +135,7 @@ public:
         if (!launch) return;
         const TokenMeta tm{d_pos_.as<int32_t>(), d_seq_.as<int32_t>(), c_.d_boff(), c_.d_blocks()};
         attention(d_q_.as<float>(), n_, c_.shape().H, tm, c_.layer(), max_ctx_, splits_, scratch, out_.as<bf16_t>(),
-                  stream, listed_ ? d_list_.as<int32_t>() : nullptr);
+                  stream, listed_ ? d_list_.as<int32_t>() : nullptr, invariant_);
     }
     std::vector<bf16_t> output() const { return to_host<bf16_t>(out_.get(), n_out_); }
 
@@ -143,15 +143,15 @@ private:
     const Cache &c_;
     int32_t max_ctx_, n_ = 0, splits_ = 1;
     size_t n_out_;
-    bool listed_ = false;
+    bool listed_ = false, invariant_;
     DeviceBuffer d_pos_, d_seq_, d_q_, d_list_, out_;
 };
 
 // One attention() launch on a fresh scratch; returns the whole output, whose unlisted tokens keep
 // the 0xFFFF (NaN) fill.
 std::vector<bf16_t> run(const Cache &c, const std::vector<Tok> &toks, const std::vector<float> &q, int32_t max_ctx,
-                        const std::vector<int32_t> &tok_list = {}) {
-    const Launch l(c, toks, q, max_ctx, tok_list);
+                        const std::vector<int32_t> &tok_list = {}, bool invariant = true) {
+    const Launch l(c, toks, q, max_ctx, tok_list, invariant);
     DeviceBuffer scratch(l.scratch_bytes());
     l.enqueue(scratch.get(), nullptr);
     return l.output();
@@ -214,6 +214,25 @@ TEST(CudaDecodeAttention, Batch64MixedContexts) {
     for (KvLayout layout : kKvLayouts) {
         Cache c(kDbrx, lens, 21, layout);
         expect_matches(c, toks, q, run(c, toks, q, max_len(toks)), "batch 64");
+    }
+}
+
+// Outside batch-invariant mode a launch this large (64 tokens x 8 KV heads x a grid bound of 16
+// splits: 8192 CTAs, over 4 waves of 2 per SM on any GPU up to 512 SMs) takes splits twice as long
+// or more: still the CPU's result, through the longer splits' ranges, remainders and merges.
+TEST(CudaDecodeAttention, FastModeLongerSplitsMatchCpu) {
+    std::vector<int32_t> lens{1, 255, 256, 257, 1025, 4096, 4097, 6000};
+    std::mt19937 rng(5);
+    while (lens.size() < 64) lens.push_back(1000 + static_cast<int32_t>(rng() % 5000));
+    std::vector<Tok> toks;
+    for (size_t s = 0; s < lens.size(); ++s) toks.push_back({static_cast<int32_t>(s), lens[s] - 1});
+    const auto q = queries(kDbrx, toks.size(), 23);
+    for (KvLayout layout : kKvLayouts) {
+        Cache c(kDbrx, lens, 24, layout);
+        const auto fast = run(c, toks, q, max_len(toks), {}, false);
+        expect_matches(c, toks, q, fast, "batch 64, not batch-invariant");
+        // A batch-invariant launch of the same tokens takes the shorter splits: other bytes somewhere.
+        EXPECT_NE(fast, run(c, toks, q, max_len(toks))) << "the launch did not lengthen its splits";
     }
 }
 

@@ -131,7 +131,8 @@ int32_t counter_bank(cudaStream_t stream) {
 }  // namespace attn
 
 void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t max_ctx,
-               int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream, const int32_t *tok_list) {
+               int32_t splits, void *scratch, bf16_t *out, cudaStream_t stream, const int32_t *tok_list,
+               bool batch_invariant) {
     (void)max_ctx;  // sizes nothing here: `splits` (from attention_splits(max_ctx)) is the grid bound
     check_kv_layer(kv, "CUDA attention");
     if (n_tokens == 0) return;
@@ -141,7 +142,7 @@ void attention(const float *q, int32_t n_tokens, int32_t n_heads, TokenMeta meta
     if (kv.n_kv_heads < 1 || n_heads % kv.n_kv_heads != 0)
         fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: " + std::to_string(n_heads) + " query heads do not group over " +
                                        std::to_string(kv.n_kv_heads) + " KV heads");
-    attn::Launch a{q, n_heads, meta, kv, splits, static_cast<float *>(scratch), out, tok_list};
+    attn::Launch a{q, n_heads, meta, kv, splits, static_cast<float *>(scratch), out, tok_list, batch_invariant};
     if (attn::launch_mma(a, n_tokens, stream)) return;  // the tensor-core kernel merges its own splits
     if (kv.head_dim > 256 || n_heads / kv.n_kv_heads > 8)
         fail(DBRX_ERR_UNSUPPORTED, "CUDA attention: needs head_dim <= 256 and at most 8 query heads per KV head "

@@ -1,8 +1,9 @@
 // Shared by the decode-attention kernels (attention*.cu): the split policy and the layout of the
 // partial softmax states that the merge kernel combines.
 //
-// Batch invariance: a token's split boundaries depend only on its own context length, so its
-// output is bitwise the same whatever else is in the launch; the grid's split count (from max_ctx)
+// Batch invariance: in batch-invariant launches (attention()'s batch_invariant, the default) a
+// token's split boundaries depend only on its own context length, so its output is bitwise the
+// same whatever else is in the launch; the grid's split count (from max_ctx)
 // only bounds how many splits exist, CTAs past a token's last split exit at once.
 #pragma once
 
@@ -16,18 +17,20 @@ namespace dbrx::cuda::attn {
 // sequence alone fills the GPU about once (8 KV heads x 32 splits = 256 CTAs, 2 per SM) while a
 // large batch does not pay for many small splits' partial states.
 constexpr int32_t kShortCtx = 4096, kMidCtx = 16384;
-__host__ __device__ __forceinline__ int32_t split_len(int32_t ctx) {
-    return ctx <= kShortCtx ? 256 : ctx <= kMidCtx ? 512 : 1024;
+// `shift` (0 in batch-invariant launches) makes every split 2^shift times longer: launches outside
+// batch-invariant mode large enough to give each CTA several splits take fewer, longer ones instead.
+__host__ __device__ __forceinline__ int32_t split_len(int32_t ctx, int32_t shift = 0) {
+    return (ctx <= kShortCtx ? 256 : ctx <= kMidCtx ? 512 : 1024) << shift;
 }
-__host__ __device__ __forceinline__ int32_t n_splits(int32_t ctx) {
-    const int32_t len = split_len(ctx);
+__host__ __device__ __forceinline__ int32_t n_splits(int32_t ctx, int32_t shift = 0) {
+    const int32_t len = split_len(ctx, shift);
     return (ctx + len - 1) / len;
 }
 // Keys [begin, end) of split `s` of a token with `ctx` keys in a grid of `grid_splits` splits. The
 // last grid split takes any remainder, so a context beyond max_ctx is still attended in full.
 __host__ __device__ __forceinline__ void split_range(int32_t ctx, int32_t s, int32_t grid_splits, int32_t &begin,
-                                                     int32_t &end) {
-    const int32_t len = split_len(ctx);
+                                                     int32_t &end, int32_t shift = 0) {
+    const int32_t len = split_len(ctx, shift);
     begin = s * len;
     end = s == grid_splits - 1 ? ctx : (begin + len < ctx ? begin + len : ctx);
 }
@@ -66,6 +69,7 @@ struct Launch {
     float *scratch;  // partial states, partial_stride(hd) floats per (slot, head, split)
     uint16_t *out;
     const int32_t *tok_list;
+    bool batch_invariant;  // false: the tensor-core path may lengthen splits (split_len's shift)
 };
 
 // Tensor-core path (head_dim 16, 32, 64 or 128, up to 16 query heads per KV head): writes the output

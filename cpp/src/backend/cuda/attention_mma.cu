@@ -110,26 +110,27 @@ __device__ __forceinline__ void merge_splits(const float *scratch, int64_t slot,
 // takes `per_cta` consecutive splits of its token (fewer, longer CTAs for large launches: one
 // start-up and one pipeline fill for several splits). Every split but a token's last one is a whole
 // multiple of kWarps tiles, so each split's state is computed exactly as by a CTA of its own: the
-// bytes do not depend on per_cta.
+// bytes do not depend on per_cta. (Launches outside batch-invariant mode lengthen the splits
+// instead, by 2^shift: one split per CTA.)
 template <int HD>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     decode_mma_kernel(const float *q, int32_t n_heads, TokenMeta meta, KvLayer kv, int32_t splits, int32_t per_cta,
-                      float qscale, float *scratch, uint16_t *out, const int32_t *tok_list, int32_t slot0,
+                      int32_t shift, float qscale, float *scratch, uint16_t *out, const int32_t *tok_list, int32_t slot0,
                       int32_t bank) {
     using S = Smem<HD, kStages>;
     extern __shared__ __align__(16) uint16_t smem[];
     const int32_t kvh = blockIdx.x, slot = slot0 + static_cast<int32_t>(blockIdx.z);
     const int32_t t = tok_list ? tok_list[slot] : slot;
     const int32_t ctx = meta.pos[t] + 1;
-    const int32_t ns = min(attn::n_splits(ctx), splits);  // the token's non-empty splits
+    const int32_t ns = min(attn::n_splits(ctx, shift), splits);  // the token's non-empty splits
     const int32_t s_lo = static_cast<int32_t>(blockIdx.y) * per_cta;
     if (s_lo >= ns) return;  // past this token's last split
     const int32_t s_hi = min(s_lo + per_cta, ns);
     int32_t begin, end, unused;
-    attn::split_range(ctx, s_lo, splits, begin, unused);
-    attn::split_range(ctx, s_hi - 1, splits, unused, end);
+    attn::split_range(ctx, s_lo, splits, begin, unused, shift);
+    attn::split_range(ctx, s_hi - 1, splits, unused, end, shift);
     // Tiles per warp in a whole split (split lengths are multiples of kWarps * kTile = 64 keys).
-    const int32_t per_split = attn::split_len(ctx) / (kWarps * kTile);
+    const int32_t per_split = attn::split_len(ctx, shift) / (kWarps * kTile);
     const int32_t G = n_heads / kv.n_kv_heads, bs = kv.block_size;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
     const int32_t *table = meta.blocks + meta.block_off[meta.seq[t]];
@@ -429,9 +430,17 @@ template <int HD> void launch(const attn::Launch &a, int32_t n_tokens, cudaStrea
         auto ctas = [&](int32_t f) { return int64_t{a.kv.n_kv_heads} * ((a.splits + f - 1) / f) * n_z; };
         while (2 * per_cta <= a.splits && ctas(2 * per_cta) >= int64_t{kMinWaves} * 2 * sm_count(dev))
             per_cta *= 2;
-        cfg.gridDim = dim3(a.kv.n_kv_heads, (a.splits + per_cta - 1) / per_cta, n_z);
-        DBRX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_mma_kernel<HD>, a.q, a.n_heads, a.meta, a.kv, a.splits,
-                                           per_cta, qscale, a.scratch, a.out, a.tok_list, slot0, bank));
+        // Outside batch-invariant mode a CTA's per_cta splits become one split per_cta times longer: one
+        // partial state instead of per_cta, and no merge at each split's end inside the CTA.
+        int32_t grid_splits = a.splits, shift = 0;
+        if (!a.batch_invariant) {
+            while ((1 << shift) < per_cta) ++shift;
+            grid_splits = (a.splits + per_cta - 1) / per_cta;
+            per_cta = 1;
+        }
+        cfg.gridDim = dim3(a.kv.n_kv_heads, (grid_splits + per_cta - 1) / per_cta, n_z);
+        DBRX_CUDA_CHECK(cudaLaunchKernelEx(&cfg, decode_mma_kernel<HD>, a.q, a.n_heads, a.meta, a.kv, grid_splits,
+                                           per_cta, shift, qscale, a.scratch, a.out, a.tok_list, slot0, bank));
     }
 }
 

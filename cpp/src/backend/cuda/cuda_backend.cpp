@@ -334,7 +334,7 @@ void CudaBackend::run_layers(const CudaKvPool &pool, const Step &st) {
         qkv_epilogue(qkv_.as<float>(), T, H, clip, model_->inv_freq.as<float>(), tm, kv, q_.as<float>(), s);
         if (st.n_dec > 0)
             attention(q_.as<float>(), st.n_dec, H, tm, kv, st.attn_ctx, splits, attn_scratch_.get(), attn_.as<bf16_t>(), s,
-                      dec_list);
+                      dec_list, invariant_);
         if (st.n_tiles > 0)
             (wgmma ? flash_prefill_wgmma : flash_prefill)(q_.as<float>(), st.n_tiles, H, m + st.tiles, tm, kv,
                                                            attn_.as<bf16_t>(), s);
