@@ -136,18 +136,18 @@ void bench_attention(cudaStream_t stream, const Ceilings &c, const char *label, 
 }  // namespace
 
 // The rows without a layout in their label use the KV pool's default layout (DBRX_KV_LAYOUT); the
-// ", slot-major KV" rows time the other layout for the A/B.
+// ", head-major KV" rows time the other layout for the A/B.
 void bench_attention_all(cudaStream_t stream, const Ceilings &c, bool quick, std::vector<Row> &rows) {
-    const KvLayout pool = CudaKvPool::default_layout(), slot = KvLayout::SlotMajor;
+    const KvLayout pool = CudaKvPool::default_layout(), other = KvLayout::HeadMajor;
     bench_attention(stream, c, "attention decode B=1 ctx=4096", 1, 4096, 1, rows, pool);
     bench_attention(stream, c, "attention decode B=1 ctx=32768", 1, 32768, 1, rows, pool);
-    bench_attention(stream, c, "attention decode B=1 ctx=32768, slot-major KV", 1, 32768, 1, rows, slot);
+    bench_attention(stream, c, "attention decode B=1 ctx=32768, head-major KV", 1, 32768, 1, rows, other);
     bench_attention(stream, c, "attention decode B=64 ctx=8192", 64, 8192, 1, rows, pool);
-    bench_attention(stream, c, "attention decode B=64 ctx=8192, slot-major KV", 64, 8192, 1, rows, slot);
+    bench_attention(stream, c, "attention decode B=64 ctx=8192, head-major KV", 64, 8192, 1, rows, other);
     bench_attention(stream, c, "attention decode B=64 ctx=8192, batch-invariant mode", 64, 8192, 1, rows, pool, false,
                     true);
     bench_attention(stream, c, "attention prefill causal S=4096", 1, 4096, 4096, rows, pool);
-    bench_attention(stream, c, "attention prefill causal S=4096, slot-major KV", 1, 4096, 4096, rows, slot);
+    bench_attention(stream, c, "attention prefill causal S=4096, head-major KV", 1, 4096, 4096, rows, other);
     bench_attention(stream, c, "attention prefill causal S=4096, mma.sync kernel", 1, 4096, 4096, rows, pool, true);
     if (!quick) bench_attention(stream, c, "attention prefill causal S=16384", 1, 16384, 16384, rows, pool);
     if (!quick)

@@ -61,8 +61,8 @@ MoeShape moe_shape(const ModelConfig &c) {
 KvLayout CudaKvPool::default_layout() {
     const char *v = std::getenv("DBRX_KV_LAYOUT");
     const std::string_view s(v ? v : "");
-    if (s.empty() || s == "head") return KvLayout::HeadMajor;
-    if (s == "slot") return KvLayout::SlotMajor;
+    if (s.empty() || s == "slot") return KvLayout::SlotMajor;
+    if (s == "head") return KvLayout::HeadMajor;
     invalid_argument("DBRX_KV_LAYOUT must be 'head' or 'slot', not '" + std::string(s) + "'");
 }
 
