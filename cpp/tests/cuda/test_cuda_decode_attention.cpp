@@ -204,35 +204,30 @@ INSTANTIATE_TEST_SUITE_P(Contexts, DecodeContext,
                                     (std::get<1>(info.param) == KvLayout::HeadMajor ? "HeadMajor" : "SlotMajor");
                          });
 
-TEST(CudaDecodeAttention, Batch64MixedContexts) {
-    std::vector<int32_t> lens{1, 16, 17, 256, 257, 4096, 4097, 6000};
-    std::mt19937 rng(3);
-    while (lens.size() < 64) lens.push_back(1 + static_cast<int32_t>(rng() % 3000));
-    std::vector<Tok> toks;
+// 64 sequences: `lens` first, then random lengths in [lo, lo + span); returns them, and in `toks` the
+// last position of each.
+std::vector<int32_t> batch64(std::vector<int32_t> lens, uint32_t seed, int32_t lo, int32_t span,
+                             std::vector<Tok> &toks) {
+    std::mt19937 rng(seed);
+    while (lens.size() < 64) lens.push_back(lo + static_cast<int32_t>(rng() % span));
     for (size_t s = 0; s < lens.size(); ++s) toks.push_back({static_cast<int32_t>(s), lens[s] - 1});
+    return lens;
+}
+
+// Both modes of attention(): batch-invariant, and outside it, where a launch this large (64 tokens x
+// 8 KV heads x a grid bound of 16 splits: 8192 CTAs, over 4 waves of 2 per SM on any GPU up to 512
+// SMs) takes splits at least twice as long: the CPU's result either way, through the longer splits'
+// ranges, remainders and merges.
+TEST(CudaDecodeAttention, Batch64MixedContexts) {
+    std::vector<Tok> toks;
+    const auto lens = batch64({1, 16, 17, 256, 257, 1025, 4096, 4097, 6000}, 3, 1, 6000, toks);
     const auto q = queries(kDbrx, toks.size(), 22);
     for (KvLayout layout : kKvLayouts) {
         Cache c(kDbrx, lens, 21, layout);
-        expect_matches(c, toks, q, run(c, toks, q, max_len(toks)), "batch 64");
-    }
-}
-
-// Outside batch-invariant mode a launch this large (64 tokens x 8 KV heads x a grid bound of 16
-// splits: 8192 CTAs, over 4 waves of 2 per SM on any GPU up to 512 SMs) takes splits twice as long
-// or more: still the CPU's result, through the longer splits' ranges, remainders and merges.
-TEST(CudaDecodeAttention, FastModeLongerSplitsMatchCpu) {
-    std::vector<int32_t> lens{1, 255, 256, 257, 1025, 4096, 4097, 6000};
-    std::mt19937 rng(5);
-    while (lens.size() < 64) lens.push_back(1000 + static_cast<int32_t>(rng() % 5000));
-    std::vector<Tok> toks;
-    for (size_t s = 0; s < lens.size(); ++s) toks.push_back({static_cast<int32_t>(s), lens[s] - 1});
-    const auto q = queries(kDbrx, toks.size(), 23);
-    for (KvLayout layout : kKvLayouts) {
-        Cache c(kDbrx, lens, 24, layout);
-        const auto fast = run(c, toks, q, max_len(toks), {}, false);
+        const auto invariant = run(c, toks, q, max_len(toks)), fast = run(c, toks, q, max_len(toks), {}, false);
+        expect_matches(c, toks, q, invariant, "batch 64");
         expect_matches(c, toks, q, fast, "batch 64, not batch-invariant");
-        // A batch-invariant launch of the same tokens takes the shorter splits: other bytes somewhere.
-        EXPECT_NE(fast, run(c, toks, q, max_len(toks))) << "the launch did not lengthen its splits";
+        EXPECT_NE(fast, invariant) << "the launch outside batch-invariant mode did not lengthen its splits";
     }
 }
 

@@ -17,12 +17,19 @@ namespace {
 
 constexpr int32_t kBs = 16;
 
+// tiny-dbrx on the CUDA backend, with its 130-token prompt (case 3): n positions in nb blocks, and the
+// last layer's index.
 struct Loaded : dbrx::testing::ReferenceFixture {
     std::unique_ptr<Backend> backend;
     CudaBackend *cuda = nullptr;
-    Loaded() : ReferenceFixture(std::string(DBRX_SOURCE_DIR) + "/fixtures/tiny-dbrx") {
+    const std::vector<int32_t> &prompt;
+    const int32_t n, nb, last;
+    Loaded()
+        : ReferenceFixture(std::string(DBRX_SOURCE_DIR) + "/fixtures/tiny-dbrx"), prompt(cases.at(3).prompt),
+          n(static_cast<int32_t>(prompt.size())), nb((n + kBs - 1) / kBs), last(ckpt->config().n_layers - 1) {
         backend = make_cuda_backend(*ckpt, BackendOptions{}, nullptr, nullptr);
         cuda = dynamic_cast<CudaBackend *>(backend.get());
+        EXPECT_NE(cuda, nullptr);
     }
 };
 
@@ -37,20 +44,28 @@ std::unique_ptr<KvPool> prefill_with(Loaded &f, CudaBackend::FlashKernel k, cons
     return pool;
 }
 
+// On a Hopper GPU only (both kernels run).
+class CudaFlashTinyDbrx : public ::testing::Test {
+protected:
+    void SetUp() override {
+        if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
+        loaded = std::make_unique<Loaded>();
+        ASSERT_NE(loaded->cuda, nullptr);
+    }
+    std::unique_ptr<Loaded> loaded;
+};
+
 // Layer l of the pool as it lies in device memory (in the pool's KV layout).
 std::vector<bf16_t> layer_cache(KvPool &pool, int32_t l) {
     const KvLayer kv = dynamic_cast<CudaKvPool &>(pool).layer(l);
     return to_host<bf16_t>(kv.base, static_cast<size_t>(pool.n_blocks()) * kv.block_stride);
 }
 
-TEST(CudaFlashWgmma, TinyDbrxRealRowsMatchTheReference) {
-    if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
-    Loaded f;
-    ASSERT_NE(f.cuda, nullptr);
+TEST_F(CudaFlashTinyDbrx, RealRowsMatchTheReference) {
+    Loaded &f = *loaded;
     const ModelConfig &c = f.ckpt->config();
-    const std::vector<int32_t> &prompt = f.cases.at(3).prompt;
-    const int32_t n = static_cast<int32_t>(prompt.size()), nb = (n + kBs - 1) / kBs, last = c.n_layers - 1;
-    auto pool = prefill_with(f, CudaBackend::FlashKernel::MmaSync, prompt, nb);
+    const int32_t n = f.n;
+    auto pool = prefill_with(f, CudaBackend::FlashKernel::MmaSync, f.prompt, f.nb);
     DBRX_CUDA_CHECK(cudaStreamSynchronize(f.cuda->stream()));
 
     // The last layer's attention inputs as a Problem (one chunk of n rows over no prefix).
@@ -58,7 +73,7 @@ TEST(CudaFlashWgmma, TinyDbrxRealRowsMatchTheReference) {
     Problem p = make_problem(s, kBs, {{0, n}}, 1);
     std::iota(p.blocks.begin(), p.blocks.end(), 0);
     p.layout = dynamic_cast<CudaKvPool &>(*pool).layout();
-    p.cache = layer_cache(*pool, last);
+    p.cache = layer_cache(*pool, f.last);
     p.q = to_host<float>(f.cuda->device_queries(), static_cast<size_t>(n) * s.H * s.hd);
     Reference ref_of{p};
     DeviceProblem d(p);
@@ -84,7 +99,7 @@ TEST(CudaFlashWgmma, TinyDbrxRealRowsMatchTheReference) {
                 ADD_FAILURE() << "wgmma row pos " << t << " head " << h << ": " << e_wg << " off the reference (|row| "
                               << mag << "; mma.sync " << e_mma << ")";
         }
-    std::printf("tiny-dbrx case 3, layer %d rows: worst row rel err mma.sync %.2e, wgmma %.2e, between %.2e\n", last,
+    std::printf("tiny-dbrx case 3, layer %d rows: worst row rel err mma.sync %.2e, wgmma %.2e, between %.2e\n", f.last,
                 worst_mma, worst_wg, worst_between);
     EXPECT_LE(worst_mma, 2e-2);
     EXPECT_LE(worst_wg, 2e-2);
@@ -93,16 +108,14 @@ TEST(CudaFlashWgmma, TinyDbrxRealRowsMatchTheReference) {
 // The backend with each kernel: the last layer's K/V rows (made from the first layers' outputs) per
 // position, and the logits. Differences here are the first layers' attention outputs carried through
 // LayerNorm, the router and the experts.
-TEST(CudaFlashWgmma, TinyDbrxBackendKernelsAgreePerPosition) {
-    if (!hopper_ready()) GTEST_SKIP() << "not an sm_90 device";
-    Loaded f;
-    ASSERT_NE(f.cuda, nullptr);
+TEST_F(CudaFlashTinyDbrx, BackendKernelsAgreePerPosition) {
+    Loaded &f = *loaded;
     const ModelConfig &c = f.ckpt->config();
-    const std::vector<int32_t> &prompt = f.cases.at(3).prompt;
-    const int32_t n = static_cast<int32_t>(prompt.size()), nb = (n + kBs - 1) / kBs, last = c.n_layers - 1;
-    auto a = prefill_with(f, CudaBackend::FlashKernel::MmaSync, prompt, nb);
-    auto b = prefill_with(f, CudaBackend::FlashKernel::Wgmma, prompt, nb);
-    auto b2 = prefill_with(f, CudaBackend::FlashKernel::Wgmma, prompt, nb);
+    const int32_t n = f.n, last = f.last;
+    using K = CudaBackend::FlashKernel;
+    auto a = prefill_with(f, K::MmaSync, f.prompt, f.nb);
+    auto b = prefill_with(f, K::Wgmma, f.prompt, f.nb);
+    auto b2 = prefill_with(f, K::Wgmma, f.prompt, f.nb);
     DBRX_CUDA_CHECK(cudaStreamSynchronize(f.cuda->stream()));
     const auto ka = to_f32(layer_cache(*a, last)), kb = to_f32(layer_cache(*b, last));
     EXPECT_TRUE(layer_cache(*b, last) == layer_cache(*b2, last)) << "two wgmma prefills differ";
