@@ -8,6 +8,7 @@
 #include <numeric>
 #include <random>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
@@ -95,6 +96,29 @@ struct Reference {
         scores.resize(len);
         cpu::attend_one(p.q.data() + (int64_t{t} * s.H + h) * s.hd, p.new_pos[t], pk, table, h / (s.H / s.KV),
                         1.f / std::sqrt(static_cast<float>(s.hd)), scores.data(), out);
+    }
+};
+
+// A problem's inputs on the device (its cache in the problem's layout) and an output buffer of every
+// row, which output() reads back, counting non-finite values as failures.
+struct DeviceInputs {
+    DeviceBuffer cache, q, pos, seq, boff, blocks, tiles, out;
+    KvLayer kv;
+    TokenMeta meta;
+    int32_t n_tiles, Tn, H, hd;
+    explicit DeviceInputs(const Problem &p)
+        : cache(to_device(p.cache)), q(to_device(p.q)), pos(to_device(p.new_pos)), seq(to_device(p.new_seq)),
+          boff(to_device(p.block_off)), blocks(to_device(p.blocks)), tiles(to_device(p.tiles)),
+          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())),
+          kv(kv_layer(cache.as<bf16_t>(), p.bs, p.s.KV, p.s.hd, p.layout)),
+          meta{pos.as<int32_t>(), seq.as<int32_t>(), boff.as<int32_t>(), blocks.as<int32_t>()},
+          n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), Tn(p.n_tokens()), H(p.s.H), hd(p.s.hd) {}
+    std::vector<float> output(const std::string &what) const {
+        auto got = to_f32(to_host<bf16_t>(out.get(), static_cast<size_t>(Tn) * H * hd));
+        // rel_max_err skips NaN (std::max), so unwritten or poisoned rows are counted here.
+        const auto bad = std::count_if(got.begin(), got.end(), [](float x) { return !std::isfinite(x); });
+        EXPECT_EQ(bad, 0) << "non-finite outputs of " << what;
+        return got;
     }
 };
 

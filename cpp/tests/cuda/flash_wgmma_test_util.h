@@ -59,19 +59,9 @@ inline bool hopper_ready() {
 
 // Device copies of a problem (its cache in the problem's layout); run() launches one kernel (variant -2: flash_prefill, -1:
 // flash_prefill_wgmma, else a wgmma shape) and returns the output.
-struct DeviceProblem {
-    DeviceBuffer cache, q, pos, seq, boff, blocks, tiles, out;
-    KvLayer kv;
-    TokenMeta meta;
-    int32_t n_tiles, Tn, H;
+struct DeviceProblem : DeviceInputs {
     Stream stream;
-    explicit DeviceProblem(const Problem &p)
-        : cache(to_device(p.cache)), q(to_device(p.q)), pos(to_device(p.new_pos)), seq(to_device(p.new_seq)),
-          boff(to_device(p.block_off)), blocks(to_device(p.blocks)), tiles(to_device(p.tiles)),
-          out(sizeof(bf16_t) * std::max<size_t>(1, p.q.size())),
-          kv(kv_layer(cache.as<bf16_t>(), p.bs, p.s.KV, p.s.hd, p.layout)),
-          meta{pos.as<int32_t>(), seq.as<int32_t>(), boff.as<int32_t>(), blocks.as<int32_t>()},
-          n_tiles(static_cast<int32_t>(p.tiles.size() / 4)), Tn(p.n_tokens()), H(p.s.H) {
+    explicit DeviceProblem(const Problem &p) : DeviceInputs(p) {
         // Pageable cudaMemcpy may return before its DMA lands; the launches run on a non-blocking stream.
         DBRX_CUDA_CHECK(cudaDeviceSynchronize());
     }
@@ -86,21 +76,14 @@ struct DeviceProblem {
         DBRX_CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, out.bytes(), stream.get()));  // NaN where a row is not written
         launch(variant);
         wait_bounded(stream.get(), name(variant));
-        return collect(name(variant));
+        return output(name(variant));
     }
     // flash_prefill_wgmma with the tiles and metadata at `tp` / `m` (copies elsewhere), on stream `s`.
     std::vector<float> run_wgmma_on(const int32_t *tp, TokenMeta m, cudaStream_t s) {
         DBRX_CUDA_CHECK(cudaMemsetAsync(out.get(), 0xff, out.bytes(), s));
         flash_prefill_wgmma(q.as<float>(), n_tiles, H, tp, m, kv, out.as<bf16_t>(), s);
         wait_bounded(s, "flash_prefill_wgmma");
-        return collect("flash_prefill_wgmma");
-    }
-    std::vector<float> collect(const char *what) {
-        auto got = to_f32(to_host<bf16_t>(out.get(), static_cast<size_t>(Tn) * H * kHd));
-        // rel_max_err skips NaN (std::max), so unwritten or poisoned rows are counted here.
-        const auto bad = std::count_if(got.begin(), got.end(), [](float x) { return !std::isfinite(x); });
-        EXPECT_EQ(bad, 0) << "non-finite outputs of " << what;
-        return got;
+        return output("flash_prefill_wgmma");
     }
     static const char *name(int32_t variant) {
         return variant == -2 ? "flash_prefill" : variant == -1 ? "flash_prefill_wgmma" : wgfa::variant_name(variant);
@@ -114,8 +97,5 @@ inline std::vector<float> pick_heads(const std::vector<float> &v, int32_t Tn, st
         for (int32_t h : heads) r.insert(r.end(), v.begin() + (int64_t{t} * kH + h) * kHd, v.begin() + (int64_t{t} * kH + h + 1) * kHd);
     return r;
 }
-
-// Every row of five heads (three KV groups) against the reference and every head against
-// flash_prefill, for flash_prefill_wgmma and every wgmma shape.
 
 }  // namespace dbrx::cuda::test
