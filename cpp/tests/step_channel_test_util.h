@@ -46,6 +46,18 @@ inline std::pair<OwnedFd, OwnedFd> tcp_pair() {
     return {std::move(client), std::move(server)};
 }
 
+// A raw client socket connected to localhost:port, or an empty one (fd -1) when the connect fails:
+// for tests that speak to a listener without the step protocol's own client.
+inline OwnedFd connect_loopback(int32_t port) {
+    OwnedFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd.get() < 0 || ::connect(fd.get(), reinterpret_cast<sockaddr *>(&a), sizeof a) != 0) return OwnedFd();
+    return fd;
+}
+
 // Process 0's connections to `followers` processes and theirs to it, over the real listener.
 struct StepGroup {
     std::vector<std::unique_ptr<dist::StepConnection>> leader_side;    // [r - 1]: to process r

@@ -187,17 +187,10 @@ TEST(DistStepChannel, ListenerWelcomesTheGroupAndDropsStrays) {
     const int32_t port = listener.port();
     // A stray that connects and says nothing useful must not take a place.
     std::thread stray([port] {
-        const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-        sockaddr_in a{};
-        a.sin_family = AF_INET;
-        a.sin_port = htons(static_cast<uint16_t>(port));
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        if (::connect(fd, reinterpret_cast<sockaddr *>(&a), sizeof a) == 0) {
-            if (::write(fd, "garbage garbage garbage", 23) < 0) {
-            }
+        const auto fd = dbrx::testing::connect_loopback(port);
+        if (fd.get() >= 0 && ::write(fd.get(), "garbage garbage garbage", 23) < 0) {
         }
         std::this_thread::sleep_for(200ms);
-        ::close(fd);
     });
     auto one = std::async(std::launch::async, [port] { return connect_step_channel("127.0.0.1", port, 1, 3, 10s); });
     auto two = std::async(std::launch::async, [port] { return connect_step_channel("localhost", port, 2, 3, 10s); });
@@ -249,19 +242,13 @@ TEST(DistStepChannel, ListenerRefusalsAndTimeouts) {
         StepChannelListener listener(0, 2, 10s);
         const int32_t port = listener.port();
         std::thread other([port] {
-            const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-            sockaddr_in a{};
-            a.sin_family = AF_INET;
-            a.sin_port = htons(static_cast<uint16_t>(port));
-            a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
             std::vector<uint8_t> frame = encode_step_header({StepMsg::Hello, 0, 8});
             frame[4] = 9;  // version 9
             const std::vector<uint8_t> hello = encode(StepHello{1, 2});
             frame.insert(frame.end(), hello.begin(), hello.end());
-            if (::connect(fd, reinterpret_cast<sockaddr *>(&a), sizeof a) == 0 &&
-                ::write(fd, frame.data(), frame.size()) == static_cast<ssize_t>(frame.size()))
+            const auto fd = dbrx::testing::connect_loopback(port);
+            if (fd.get() >= 0 && ::write(fd.get(), frame.data(), frame.size()) == static_cast<ssize_t>(frame.size()))
                 std::this_thread::sleep_for(500ms);
-            ::close(fd);
         });
         EXPECT_TRUE(has(error_of([&] { listener.accept_all(); }, DBRX_ERR_INVALID_ARGUMENT),
                         "peer speaks step protocol version 9, this build version 1"));

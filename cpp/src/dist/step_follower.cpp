@@ -112,6 +112,7 @@ FollowerStats serve_follower(StepConnection &leader, Backend &backend, int32_t n
                 case StepMsg::Shutdown: return stats;
                 case StepMsg::Failed:  // process 0's own ranks died
                     die("process 0 failed: " + decode_reply(f.payload).message, false);
+                    break;  // not reached: die throws
                 case StepMsg::CreatePool: {
                     const StepPoolCommand c = decode_pool(f.payload);
                     if (pools.count(c.pool)) die("process 0 created pool " + num(c.pool) + " twice", true);
