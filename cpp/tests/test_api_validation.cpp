@@ -16,11 +16,7 @@ namespace {
 constexpr int32_t kVocab = 64;
 constexpr int32_t kCtx = 256;
 
-std::vector<int32_t> prompt_of(int32_t len, uint64_t salt) {
-    std::vector<int32_t> p;
-    for (int32_t i = 0; i < len; ++i) p.push_back(static_cast<int32_t>(splitmix64(salt + i) % 60));
-    return p;
-}
+std::vector<int32_t> prompt_of(int32_t len, uint64_t salt) { return hashed_prompt(len, salt, 1, 60); }
 
 dbrx_sampling_params greedy(int32_t max_tokens) {
     dbrx_sampling_params s = dbrx_sampling_default_params();

@@ -16,11 +16,7 @@ constexpr int32_t kVocab = 64;
 constexpr int32_t kCtx = 512;
 constexpr int32_t kEos = 63;
 
-std::vector<int32_t> make_prompt(int32_t len, uint64_t salt) {
-    std::vector<int32_t> p;
-    for (int32_t i = 0; i < len; ++i) p.push_back(static_cast<int32_t>(splitmix64(salt * 7919 + i) % (kVocab - 1)));
-    return p;
-}
+std::vector<int32_t> make_prompt(int32_t len, uint64_t salt) { return hashed_prompt(len, salt, 7919, kVocab - 1); }
 
 std::vector<std::vector<int32_t>> cases() {
     std::vector<std::vector<int32_t>> c;

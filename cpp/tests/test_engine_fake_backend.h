@@ -27,6 +27,13 @@
 
 namespace dbrx::testing {
 
+// len reproducible token ids splitmix64(salt * mul + i) % modulo: the engine tests' prompts.
+inline std::vector<int32_t> hashed_prompt(int32_t len, uint64_t salt, uint64_t mul, int32_t modulo) {
+    std::vector<int32_t> p;
+    for (int32_t i = 0; i < len; ++i) p.push_back(static_cast<int32_t>(splitmix64(salt * mul + i) % modulo));
+    return p;
+}
+
 // KV value at position p given the value at p - 1 (0 before the first token).
 inline uint64_t fake_kv(uint64_t previous, int32_t token, int32_t pos) {
     return splitmix64(previous ^ splitmix64(static_cast<uint64_t>(token) * 1000003ULL + static_cast<uint64_t>(pos))) | 1;

@@ -15,11 +15,7 @@ namespace {
 constexpr int32_t kVocab = 1000;
 constexpr int32_t kCtx = 512;
 
-std::vector<int32_t> prompt_of(int32_t len, uint64_t salt) {
-    std::vector<int32_t> p;
-    for (int32_t i = 0; i < len; ++i) p.push_back(static_cast<int32_t>(splitmix64(salt * 131 + i) % (kVocab - 1)));
-    return p;
-}
+std::vector<int32_t> prompt_of(int32_t len, uint64_t salt) { return hashed_prompt(len, salt, 131, kVocab - 1); }
 
 struct Kind {
     const char *name;

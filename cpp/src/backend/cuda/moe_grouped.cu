@@ -223,19 +223,23 @@ bool moe_grouped_supported(int32_t d, int32_t ffn) {
     return d > 0 && ffn > 0 && d % kBK == 0 && ffn % kBK == 0 && ffn % (kBN / 2) == 0 && d % kBN == 0;
 }
 
+namespace {
+void require_grouped_shape(const char *who, int32_t d, int32_t ffn) {
+    if (!moe_grouped_supported(d, ffn))
+        invalid_argument(std::string(who) + ": d_model " + std::to_string(d) + " / ffn " + std::to_string(ffn) +
+                         " not multiples of the tile (d % 128, ffn % 64)");
+}
+}  // namespace
+
 void moe_up_grouped(const bf16_t *xp, const bf16_t *w13, const int32_t *offsets, const int32_t *active,
                     int32_t max_active, int32_t max_rows, int32_t d, int32_t ffn, bf16_t *g, cudaStream_t stream) {
-    if (!moe_grouped_supported(d, ffn))
-        invalid_argument("moe_up_grouped: d_model " + std::to_string(d) + " / ffn " + std::to_string(ffn) +
-                         " not multiples of the tile (d % 128, ffn % 64)");
+    require_grouped_shape("moe_up_grouped", d, ffn);
     dispatch<true>(xp, w13, offsets, active, max_active, max_rows, d, ffn, g, stream);
 }
 
 void moe_down_grouped(const bf16_t *g, const bf16_t *w2, const int32_t *offsets, const int32_t *active,
                       int32_t max_active, int32_t max_rows, int32_t d, int32_t ffn, float *y, cudaStream_t stream) {
-    if (!moe_grouped_supported(d, ffn))
-        invalid_argument("moe_down_grouped: d_model " + std::to_string(d) + " / ffn " + std::to_string(ffn) +
-                         " not multiples of the tile (d % 128, ffn % 64)");
+    require_grouped_shape("moe_down_grouped", d, ffn);
     dispatch<false>(g, w2, offsets, active, max_active, max_rows, ffn, d, y, stream);
 }
 
